@@ -1,0 +1,296 @@
+"""Checkpoints: ``config.json`` + ``model.safetensors`` (+ ``aux.safetensors``), loaded safely.
+
+Everything is validated before a module is returned: config fields, tensor names and shapes,
+finiteness. Pickle files are never unpickled except by :func:`import_official`, which uses
+``torch.load(weights_only=True)`` (tensors only, no code).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from pydantic import ValidationError
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from .config import AuxConfig, SAEConfig
+from .sae import SparseAutoencoder, build
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+AUX_WEIGHTS_NAME = "aux.safetensors"
+# Magic numbers of what people pass by mistake: a raw pickle and torch.save's zip archive.
+_PICKLE_MAGIC = (b"\x80", b"PK\x03\x04")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded; the message names the file and what is wrong."""
+
+
+def save(sae: SparseAutoencoder, directory: str | os.PathLike) -> Path:
+    """Write ``config.json`` and the safetensors files; returns the directory."""
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    state = {k: v for k, v in sae.state_dict().items() if not k.startswith("aux.")}
+    save_file(_contiguous(state), out / WEIGHTS_NAME)
+    if sae.aux is not None:
+        save_file(_contiguous(sae.aux.state_dict()), out / AUX_WEIGHTS_NAME)
+    (out / CONFIG_NAME).write_text(sae.config.model_dump_json(indent=2) + "\n")
+    return out
+
+
+def load(
+    path_or_hub_id: str | os.PathLike,
+    *,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    revision: str | None = None,
+) -> SparseAutoencoder:
+    """Load a checkpoint directory (or Hub repo id) into the architecture its config names."""
+    directory = resolve(path_or_hub_id, revision=revision)
+    config = read_config(directory / CONFIG_NAME)
+    sae = build(config)
+    _load_checked(sae, directory / WEIGHTS_NAME, skip_prefix="aux.")
+    if config.aux is not None:
+        _load_checked(sae.aux, directory / AUX_WEIGHTS_NAME)
+    return sae.to(device=device, dtype=dtype).eval()
+
+
+def resolve(path_or_hub_id: str | os.PathLike, revision: str | None = None) -> Path:
+    """A local directory as is; otherwise a Hub repo id through ``huggingface_hub``."""
+    path = Path(path_or_hub_id)
+    if path.exists():
+        if not path.is_dir():
+            raise CheckpointError(
+                f"{path}: expected a checkpoint directory holding {CONFIG_NAME} and "
+                f"{WEIGHTS_NAME}, found a file"
+                + (
+                    " (a pickle/torch.save file: convert it with `vlsae-guard import-official`)"
+                    if _looks_pickled(path)
+                    else ""
+                )
+            )
+        return path
+    name = str(path_or_hub_id)
+    if name.count("/") != 1 or name.startswith((".", "/")):
+        raise CheckpointError(f"{name}: no such directory, and not a Hub repo id (owner/name)")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    try:
+        return Path(
+            snapshot_download(name, revision=revision, allow_patterns=["*.json", "*.safetensors"])
+        )
+    except LocalEntryNotFoundError as e:
+        raise CheckpointError(
+            f"{name}: not a local directory and the Hugging Face Hub cannot be reached "
+            "(offline, or HF_HUB_OFFLINE=1) and it is not in the local cache; download it on a "
+            "machine with access and pass the directory"
+        ) from e
+    except HfHubHTTPError as e:
+        raise CheckpointError(f"{name}: Hub download failed: {e}") from e
+
+
+def read_config(file: Path) -> SAEConfig:
+    if not file.is_file():
+        raise CheckpointError(f"{file}: missing (a checkpoint needs {CONFIG_NAME})")
+    try:
+        raw = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{file}: not valid JSON ({e})") from e
+    try:
+        return SAEConfig.model_validate(raw)
+    except ValidationError as e:
+        raise CheckpointError(f"{file}: invalid config\n{_describe(e)}") from e
+
+
+def _describe(error: ValidationError) -> str:
+    """One line per problem: field path, what was expected, what was found."""
+    lines = []
+    for err in error.errors():
+        where = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        found = err.get("input")
+        found = "" if isinstance(found, dict) else f" (found {found!r})"
+        lines.append(f"  field {where}: {err['msg']}{found}")
+    return "\n".join(lines)
+
+
+def _shapes(module: torch.nn.Module, skip_prefix: str | None = None) -> dict[str, tuple]:
+    return {
+        k: tuple(v.shape)
+        for k, v in module.state_dict().items()
+        if skip_prefix is None or not k.startswith(skip_prefix)
+    }
+
+
+def _load_checked(
+    module: torch.nn.Module, file: Path, skip_prefix: str | None = None, tensors=None
+) -> None:
+    """Validate ``tensors`` (read from ``file`` unless given) against ``module``, then load."""
+    tensors = read_tensors(file) if tensors is None else tensors
+    check_state(tensors, _shapes(module, skip_prefix), file)
+    module.load_state_dict(tensors, strict=skip_prefix is None)
+
+
+def read_tensors(file: Path) -> dict[str, Tensor]:
+    if not file.is_file():
+        raise CheckpointError(f"{file}: missing")
+    if _looks_pickled(file):
+        raise CheckpointError(
+            f"{file}: is a pickle/torch.save file, expected safetensors; convert official "
+            "checkpoints with `vlsae-guard import-official`"
+        )
+    try:
+        return load_file(file)
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{file}: unreadable or truncated safetensors file ({e})") from e
+
+
+def check_state(
+    tensors: Mapping[str, Tensor], expected: Mapping[str, tuple[int, ...]], file: Path | str
+) -> None:
+    """Same names, same shapes, finite values; the error lists every mismatch at once."""
+    problems = []
+    for name in sorted(expected.keys() - tensors.keys()):
+        problems.append(f"  missing tensor {name} (expected shape {expected[name]})")
+    for name in sorted(tensors.keys() - expected.keys()):
+        problems.append(f"  unexpected tensor {name} {tuple(tensors[name].shape)}")
+    for name in sorted(expected.keys() & tensors.keys()):
+        t = tensors[name]
+        if tuple(t.shape) != expected[name]:
+            problems.append(
+                f"  tensor {name}: expected shape {expected[name]}, found {tuple(t.shape)}"
+            )
+        elif not t.is_floating_point():
+            problems.append(f"  tensor {name}: expected a floating-point dtype, found {t.dtype}")
+        elif not torch.isfinite(t).all():
+            bad = int((~torch.isfinite(t)).sum())
+            problems.append(f"  tensor {name}: {bad} NaN/inf values")
+    if problems:
+        raise CheckpointError(f"{file}: weights do not match the config\n" + "\n".join(problems))
+
+
+def _looks_pickled(file: Path) -> bool:
+    with open(file, "rb") as f:
+        head = f.read(4)
+    return head.startswith(_PICKLE_MAGIC)
+
+
+def _contiguous(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    return {k: v.detach().contiguous().cpu() for k, v in state.items()}
+
+
+# --- the checkpoints released with the VL-SAE paper -------------------------------------------
+
+# Official key -> (our key, transpose); the first key of each is an encoder weight (n x d).
+# Decoders are nn.Linear(n -> d) there: weight (d, n); ours (n, d).
+_OFFICIAL_LAYOUTS: dict[str, dict[str, tuple[str, bool]]] = {
+    "vl-sae": {
+        "encoder": ("encoder", False),
+        "vision_decoder.weight": ("vision_decoder.weight", True),
+        "vision_decoder.bias": ("vision_decoder.bias", False),
+        "text_decoder.weight": ("text_decoder.weight", True),
+        "text_decoder.bias": ("text_decoder.bias", False),
+    },
+    "sae-v": {
+        "encoder.weight": ("encoder.weight", False),
+        "encoder.bias": ("encoder.bias", False),
+        "decoder.0.weight": ("decoder.weight", True),
+        "decoder.0.bias": ("decoder.bias", False),
+    },
+    "sae-d": {
+        "v_encoder.weight": ("vision_encoder.weight", False),
+        "v_encoder.bias": ("vision_encoder.bias", False),
+        "t_encoder.weight": ("text_encoder.weight", False),
+        "t_encoder.bias": ("text_encoder.bias", False),
+        "vision_decoder.0.weight": ("vision_decoder.weight", True),
+        "vision_decoder.0.bias": ("vision_decoder.bias", False),
+        "text_decoder.0.weight": ("text_decoder.weight", True),
+        "text_decoder.0.bias": ("text_decoder.bias", False),
+    },
+}
+_AUX_KEYS = [
+    f"{part}.{p}"
+    for part in ("vision_projection", "text_projection", "vision_decoder", "text_decoder")
+    for p in ("weight", "bias")
+]
+
+
+def import_official(
+    sae_file: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    aux_file: str | os.PathLike | None = None,
+    k: int = 256,
+    source: dict | None = None,
+) -> SparseAutoencoder:
+    """Convert the paper's ``.pth`` (+ auxiliary ``.pt``) into a validated checkpoint directory."""
+    sae_file = Path(sae_file)
+    state = _torch_load(sae_file)
+    architecture = next(
+        (a for a, layout in _OFFICIAL_LAYOUTS.items() if set(layout) == set(state)), None
+    )
+    if architecture is None:
+        known = "; ".join(f"{a}: {sorted(lay)}" for a, lay in _OFFICIAL_LAYOUTS.items())
+        raise CheckpointError(
+            f"{sae_file}: unknown state-dict layout, found keys {sorted(state)}; expected one of "
+            f"{known}"
+        )
+    layout = _OFFICIAL_LAYOUTS[architecture]
+    n_concepts, d_in = state[next(iter(layout))].shape  # the first key is an encoder weight
+    ours = {
+        new: (state[old].T if transpose else state[old]) for old, (new, transpose) in layout.items()
+    }
+
+    aux_state, aux_config = None, None
+    if aux_file is not None:
+        aux_file = Path(aux_file)
+        aux_state = _torch_load(aux_file)
+        if set(aux_state) != set(_AUX_KEYS):
+            raise CheckpointError(
+                f"{aux_file}: expected auxiliary AE keys {_AUX_KEYS}, found {sorted(aux_state)}"
+            )
+        d_proj, d_vision = aux_state["vision_projection.weight"].shape
+        aux_config = AuxConfig(
+            d_vision=d_vision, d_text=aux_state["text_projection.weight"].shape[1], d_proj=d_proj
+        )
+    try:
+        config = SAEConfig(
+            architecture=architecture,
+            d_in=d_in,
+            n_concepts=n_concepts,
+            k=k,
+            aux=aux_config,
+            **({"source": source} if source else {}),
+        )
+    except ValidationError as e:
+        raise CheckpointError(f"{sae_file}: cannot build a config\n{_describe(e)}") from e
+    sae = build(config)
+    _load_checked(sae, sae_file, skip_prefix="aux.", tensors=ours)
+    if sae.aux is not None:
+        _load_checked(sae.aux, aux_file, tensors=aux_state)
+    save(sae, out_dir)
+    return sae.eval()
+
+
+def _torch_load(file: Path) -> dict[str, Tensor]:
+    if not file.is_file():
+        raise CheckpointError(f"{file}: missing")
+    try:
+        obj = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - torch raises many types for corrupt/unsafe files
+        raise CheckpointError(
+            f"{file}: cannot be read as a tensors-only torch checkpoint ({type(e).__name__}: {e})"
+        ) from e
+    if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
+        obj = obj["state_dict"]
+    if not isinstance(obj, Mapping) or not all(isinstance(v, Tensor) for v in obj.values()):
+        raise CheckpointError(
+            f"{file}: expected a state dict of tensors, found {type(obj).__name__}"
+        )
+    return {k.removeprefix("module."): v.float() for k, v in obj.items()}

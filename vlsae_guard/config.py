@@ -1,0 +1,79 @@
+"""Pydantic configs for what crosses a boundary: checkpoints on disk.
+
+Every config forbids unknown fields so a typo in a hand-edited ``config.json`` fails loudly
+instead of silently falling back to a default.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+Architecture = Literal["vl-sae", "sae-v", "sae-d"]
+Modality = Literal["vision", "text"]
+MODALITIES: tuple[Modality, ...] = ("vision", "text")
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Source(Strict):
+    """Where the training representations came from (so a checkpoint is never applied blindly)."""
+
+    model_id: str | None = None
+    site: Literal["projector", "layer"] = "projector"
+    layer: int | None = Field(default=None, ge=0)
+    pooling: Literal["token", "mean"] = "token"
+
+    @model_validator(mode="after")
+    def _layer_matches_site(self) -> Source:
+        if self.site == "layer" and self.layer is None:
+            raise ValueError("site 'layer' needs a layer index")
+        if self.site == "projector" and self.layer is not None:
+            raise ValueError(f"site 'projector' takes no layer index (got layer={self.layer})")
+        return self
+
+
+class AuxConfig(Strict):
+    """The paper's auxiliary alignment autoencoder: Linear(d -> p) per modality and back."""
+
+    d_vision: int = Field(gt=0)
+    d_text: int = Field(gt=0)
+    d_proj: int = Field(gt=0)
+
+
+class SAEConfig(Strict):
+    """Everything needed to rebuild a sparse autoencoder and to know what it was trained on."""
+
+    format_version: Literal[1] = 1
+    architecture: Architecture = "vl-sae"
+    d_in: int = Field(gt=0)
+    n_concepts: int = Field(gt=0)
+    k: int = Field(ge=1)
+    source: Source = Source()
+    aux: AuxConfig | None = None
+    # Concepts that fire for both modalities on the training data; the guard keeps only these.
+    shared_concepts: list[int] | None = None
+    # Training statistics (explained variance, L0, dead fraction, ...), informational.
+    stats: dict[str, float] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _check_ranges(self) -> SAEConfig:
+        if self.k > self.n_concepts:
+            raise ValueError(f"k must be <= n_concepts ({self.n_concepts}), got k={self.k}")
+        if self.shared_concepts is not None:
+            bad = [c for c in self.shared_concepts if not 0 <= c < self.n_concepts]
+            if bad:
+                raise ValueError(
+                    f"shared_concepts must lie in [0, {self.n_concepts}), found {bad[:5]}"
+                )
+            if len(set(self.shared_concepts)) != len(self.shared_concepts):
+                raise ValueError("shared_concepts contains duplicates")
+        if self.aux is not None and self.aux.d_proj != self.d_in:
+            raise ValueError(
+                f"aux.d_proj ({self.aux.d_proj}) must equal d_in ({self.d_in}): "
+                "the SAE reads the auxiliary projection"
+            )
+        return self

@@ -1,0 +1,130 @@
+"""What the guard does to image-feature tokens, independent of any serving stack.
+
+Backends (``vlsae_guard.backends``) find the projector and say which sample each projected
+image row belongs to; this module turns projector outputs into guarded outputs. vLLM's plugin
+calls the same :class:`ProjectorIntervention`, so there is one implementation of the math.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from torch import Tensor
+
+from .sae import Codes, SparseAutoencoder
+
+
+class GuardConfig(BaseModel):
+    """Guard settings, validated before anything touches the model."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    mode: Literal["projector"] = "projector"
+    # replace: v' = (1 - alpha) v + alpha D(z * 1_S);  edit: v' = v + alpha (D(z * 1_S) - D(z)).
+    method: Literal["replace", "edit"] = "replace"
+    alpha: float = Field(default=0.5, ge=0.0, le=1.0)
+    # Further restrict S per sample to the concepts the prompt's own text tokens activate.
+    text_grounded: bool = False
+    # Override the checkpoint's shared-concept set.
+    shared_concepts: list[int] | None = None
+    # Clamp concepts on the vision tokens: {concept index: activation value}.
+    steer: dict[int, float] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _check_steer(self) -> GuardConfig:
+        bad = [c for c in self.steer if c < 0]
+        if bad:
+            raise ValueError(f"steer: concept indices must be >= 0, got {bad}")
+        return self
+
+    @property
+    def is_identity(self) -> bool:
+        """True when the hook would change nothing, so it is skipped (bit-exact outputs)."""
+        return self.alpha == 0.0 and not self.steer
+
+
+class ProjectorIntervention:
+    """Rewrites projected image tokens through the SAE's shared concepts.
+
+    ``shared`` is a bool mask over concepts (S). ``text_masks`` (optional, one row per sample)
+    further restricts S per sample; ``owners`` maps each token row to its sample.
+    """
+
+    def __init__(self, sae: SparseAutoencoder, config: GuardConfig, shared: Tensor):
+        self.sae = sae
+        self.config = config
+        self.shared = shared.to(sae.device)
+        steer = config.steer
+        self._steer_idx = torch.tensor(list(steer), dtype=torch.long, device=sae.device)
+        self._steer_val = torch.tensor(list(steer.values()), dtype=sae.dtype, device=sae.device)
+
+    @classmethod
+    def build(cls, sae: SparseAutoencoder, config: GuardConfig) -> ProjectorIntervention:
+        """Validate the settings against the SAE and resolve the shared set S."""
+        n = sae.config.n_concepts
+        out_of_range = [c for c in (config.shared_concepts or []) + list(config.steer) if c >= n]
+        if out_of_range:
+            raise ValueError(
+                f"concept indices {out_of_range[:5]} are out of range for an SAE with {n} concepts"
+            )
+        ids = config.shared_concepts
+        if ids is None:
+            ids = sae.config.shared_concepts
+        shared = torch.zeros(n, dtype=torch.bool)
+        if ids is None:
+            warnings.warn(
+                "the SAE checkpoint has no shared-concept set and none was given: using all "
+                "concepts (the guard then only filters through the SAE's reconstruction)",
+                stacklevel=3,
+            )
+            shared[:] = True
+        else:
+            shared[ids] = True
+        return cls(sae, config, shared)
+
+    def text_concepts(self, text_embeds: list[Tensor]) -> Tensor:
+        """Per-sample bool masks of the concepts that a sample's text tokens activate."""
+        masks = torch.zeros(len(text_embeds), self.sae.n_concepts, dtype=torch.bool)
+        masks = masks.to(self.sae.device)
+        for i, emb in enumerate(text_embeds):
+            if emb.numel():
+                idx = self.sae.encode_topk(emb.to(self.sae.device), "text").indices
+                masks[i, idx.reshape(-1)] = True
+        return masks
+
+    @torch.no_grad()
+    def __call__(
+        self, feats: Tensor, owners: Tensor | None = None, text_masks: Tensor | None = None
+    ) -> Tensor:
+        """Guard ``feats`` (..., d); ``owners`` gives the sample of each row of ``feats``."""
+        cfg = self.config
+        shape, dtype = feats.shape, feats.dtype
+        x = feats.reshape(-1, shape[-1]).to(self.sae.device, self.sae.dtype)
+        codes = self.sae.encode_topk(x, "vision")
+        decoder = self.sae.decoder_for("vision")
+        out = x
+        if cfg.alpha:
+            keep = self.shared[codes.indices]
+            if text_masks is not None:
+                if owners is None:
+                    raise ValueError("text-grounded guarding needs the owner sample of each row")
+                rows = text_masks[owners.reshape(-1).to(text_masks.device)]
+                keep = keep & rows.gather(-1, codes.indices)
+            if cfg.method == "replace":
+                kept = Codes(codes.values * keep, codes.indices, codes.n_concepts)
+                out = torch.lerp(x, decoder.sparse(kept), cfg.alpha)
+            else:
+                dropped = Codes(codes.values * ~keep, codes.indices, codes.n_concepts)
+                out = x - cfg.alpha * decoder.sparse(dropped, bias=False)
+        if cfg.steer:
+            out = out + self._steer_delta(codes, decoder.weight)
+        return out.to(feats.device, dtype).reshape(shape)
+
+    def _steer_delta(self, codes: Codes, weight: Tensor) -> Tensor:
+        """``sum_j (s_j - z_j) w_j``: clamps concept j to s_j, every other concept untouched."""
+        hit = codes.indices.unsqueeze(-1) == self._steer_idx  # (rows, k, n_steer)
+        current = (codes.values.unsqueeze(-1) * hit).sum(-2)  # (rows, n_steer)
+        return (self._steer_val - current) @ weight[self._steer_idx]

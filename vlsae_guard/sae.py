@@ -1,0 +1,254 @@
+"""The sparse-autoencoder math: the VL-SAE, the paper's two ablations and the auxiliary AE.
+
+Nothing here knows about LLaVA or any serving stack; backends import this module, never the
+reverse.
+
+Conventions
+-----------
+* Decoder directions are stored as rows: ``decoder.weight`` has shape ``(n_concepts, d)``, so
+  decoding ``k`` active concepts gathers ``k`` contiguous rows (``embedding_bag``) instead of a
+  dense ``n_concepts x d`` product. Mathematically it is ``Linear(n_concepts -> d, bias=True)``
+  with the weight transposed; :mod:`vlsae_guard.checkpoint` converts the official layout.
+* TopK keeps exactly ``k`` concepts per row. The reference code keeps the entries strictly above
+  the ``(n - k)``-th smallest value, which drops *all* members of a tie at the boundary; ours
+  keeps ``k`` of them (``torch.topk`` picks which). Outside exact ties the two agree.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .config import MODALITIES, AuxConfig, Modality, SAEConfig
+
+
+class Codes(NamedTuple):
+    """Top-k concept activations in compact form: ``values`` and ``indices`` of shape (..., k)."""
+
+    values: Tensor
+    indices: Tensor
+    n_concepts: int
+
+    def dense(self) -> Tensor:
+        """Scatter into a dense (..., n_concepts) tensor with zeros elsewhere."""
+        shape = (*self.values.shape[:-1], self.n_concepts)
+        out = self.values.new_zeros(shape)
+        return out.scatter_(-1, self.indices, self.values)
+
+
+class Decoder(nn.Module):
+    """``z @ weight + bias`` with concept directions as rows, plus a sparse path for top-k codes."""
+
+    def __init__(self, n_concepts: int, d: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(n_concepts, d))
+        self.bias = nn.Parameter(torch.zeros(d))
+        nn.init.kaiming_uniform_(self.weight, a=5**0.5)
+
+    def forward(self, z: Tensor) -> Tensor:
+        return torch.addmm(self.bias, z.reshape(-1, z.shape[-1]), self.weight).reshape(
+            *z.shape[:-1], -1
+        )
+
+    def sparse(self, codes: Codes, bias: bool = True) -> Tensor:
+        """Decode top-k codes by gathering k rows; ``bias=False`` returns the pure concept sum."""
+        k = codes.indices.shape[-1]
+        idx = codes.indices.reshape(-1, k)
+        vals = codes.values.reshape(-1, k).to(self.weight.dtype)
+        out = F.embedding_bag(idx, self.weight, per_sample_weights=vals, mode="sum")
+        if bias:
+            out = out + self.bias
+        return out.reshape(*codes.indices.shape[:-1], -1)
+
+
+class SparseAutoencoder(nn.Module):
+    """Shared API of all architectures: encode / decode per modality, save and load."""
+
+    config: SAEConfig
+
+    def __init__(self, config: SAEConfig):
+        super().__init__()
+        self.config = config
+        self.aux: AuxiliaryAE | None = AuxiliaryAE(config.aux) if config.aux else None
+
+    @property
+    def k(self) -> int:
+        return self.config.k
+
+    @property
+    def n_concepts(self) -> int:
+        return self.config.n_concepts
+
+    def _scores(self, x: Tensor, modality: Modality) -> Tensor:
+        """Scores whose top-k positions are the active concepts (monotone in the activation)."""
+        raise NotImplementedError
+
+    def _activation(self, top_scores: Tensor) -> Tensor:
+        """Map selected scores to activations; identity unless the score is a proxy."""
+        return top_scores
+
+    def decoder_for(self, modality: Modality) -> Decoder:
+        raise NotImplementedError
+
+    def encode_topk(self, x: Tensor, modality: Modality = "vision") -> Codes:
+        """Top-k activations of ``x`` (any leading shape, last dim ``d_in``) in compact form."""
+        _check_modality(modality)
+        if x.shape[-1] != self.config.d_in:
+            raise ValueError(f"expected inputs with last dim {self.config.d_in}, got {x.shape}")
+        scores = self._scores(x.to(self.dtype), modality)
+        top, idx = scores.topk(self.k, dim=-1, sorted=False)
+        return Codes(self._activation(top), idx, self.n_concepts)
+
+    def encode(self, x: Tensor, modality: Modality = "vision") -> Tensor:
+        """Dense activations (..., n_concepts) with the top-k kept and zeros elsewhere."""
+        return self.encode_topk(x, modality).dense()
+
+    def decode(self, z: Tensor | Codes, modality: Modality = "vision") -> Tensor:
+        """Reconstruct from dense activations or from :class:`Codes` (the fast sparse path)."""
+        _check_modality(modality)
+        decoder = self.decoder_for(modality)
+        if isinstance(z, Codes):
+            return decoder.sparse(z)
+        return decoder(z.to(self.dtype))
+
+    def forward(self, x: Tensor, modality: Modality = "vision") -> Tensor:
+        return self.decode(self.encode_topk(x, modality), modality)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    # Persistence lives in checkpoint.py; these are the public entry points.
+    @classmethod
+    def from_pretrained(cls, path_or_hub_id: str, **kwargs) -> SparseAutoencoder:
+        from .checkpoint import load
+
+        sae = load(path_or_hub_id, **kwargs)
+        if not isinstance(sae, cls):
+            raise TypeError(
+                f"{path_or_hub_id} holds a {type(sae).__name__} "
+                f"(architecture {sae.config.architecture!r}), not a {cls.__name__}"
+            )
+        return sae
+
+    def save_pretrained(self, directory) -> None:
+        from .checkpoint import save
+
+        save(self, directory)
+
+    def with_config(self, **updates) -> SparseAutoencoder:
+        """Replace config fields (e.g. statistics after training), validated like a load."""
+        self.config = SAEConfig.model_validate({**self.config.model_dump(), **updates})
+        return self
+
+
+class VLSAE(SparseAutoencoder):
+    """The VL-SAE: distance-based encoder shared by both modalities, one decoder per modality.
+
+    ``a_j = 2 - ||x/||x|| - w_j/||w_j||||_2 = 2 - sqrt(2 - 2 cos(x, w_j))`` is monotone in the
+    cosine, so TopK runs on the cosine and only the k winners go through the square root.
+    """
+
+    def __init__(self, config: SAEConfig):
+        super().__init__(config)
+        n, d = config.n_concepts, config.d_in
+        self.encoder = nn.Parameter(torch.empty(n, d))
+        nn.init.kaiming_uniform_(self.encoder, a=5**0.5)
+        self.vision_decoder = Decoder(n, d)
+        self.text_decoder = Decoder(n, d)
+        self._unit_cache: tuple[tuple, Tensor] | None = None
+
+    def unit_encoder(self) -> Tensor:
+        """Row-normalised encoder; cached at inference, recomputed whenever the weight changes."""
+        w = self.encoder
+        if torch.is_grad_enabled() and w.requires_grad:
+            return F.normalize(w, dim=-1)
+        key = (w._version, w.data_ptr(), w.dtype, w.device)
+        if self._unit_cache is None or self._unit_cache[0] != key:
+            self._unit_cache = (key, F.normalize(w.detach(), dim=-1))
+        return self._unit_cache[1]
+
+    def _scores(self, x: Tensor, modality: Modality) -> Tensor:
+        return F.normalize(x, dim=-1) @ self.unit_encoder().T
+
+    def _activation(self, top_scores: Tensor) -> Tensor:
+        return 2 - torch.sqrt((2 - 2 * top_scores).clamp_min(0))
+
+    def decoder_for(self, modality: Modality) -> Decoder:
+        return self.vision_decoder if modality == "vision" else self.text_decoder
+
+
+class SAEV(SparseAutoencoder):
+    """Ablation SAE-V: one Linear+ReLU encoder and one decoder for both modalities."""
+
+    def __init__(self, config: SAEConfig):
+        super().__init__(config)
+        self.encoder = nn.Linear(config.d_in, config.n_concepts)
+        self.decoder = Decoder(config.n_concepts, config.d_in)
+
+    def _scores(self, x: Tensor, modality: Modality) -> Tensor:
+        return F.relu(self.encoder(x))
+
+    def decoder_for(self, modality: Modality) -> Decoder:
+        return self.decoder
+
+
+class SAED(SparseAutoencoder):
+    """Ablation SAE-D: one Linear+ReLU encoder and one decoder per modality."""
+
+    def __init__(self, config: SAEConfig):
+        super().__init__(config)
+        n, d = config.n_concepts, config.d_in
+        self.vision_encoder = nn.Linear(d, n)
+        self.text_encoder = nn.Linear(d, n)
+        self.vision_decoder = Decoder(n, d)
+        self.text_decoder = Decoder(n, d)
+
+    def _scores(self, x: Tensor, modality: Modality) -> Tensor:
+        encoder = self.vision_encoder if modality == "vision" else self.text_encoder
+        return F.relu(encoder(x))
+
+    def decoder_for(self, modality: Modality) -> Decoder:
+        return self.vision_decoder if modality == "vision" else self.text_decoder
+
+
+class AuxiliaryAE(nn.Module):
+    """The paper's alignment stage: projects each modality into a common width ``d_proj``."""
+
+    def __init__(self, config: AuxConfig):
+        super().__init__()
+        self.config = config
+        self.vision_projection = nn.Linear(config.d_vision, config.d_proj)
+        self.text_projection = nn.Linear(config.d_text, config.d_proj)
+        self.vision_decoder = nn.Linear(config.d_proj, config.d_vision)
+        self.text_decoder = nn.Linear(config.d_proj, config.d_text)
+
+    def project(self, x: Tensor, modality: Modality) -> Tensor:
+        _check_modality(modality)
+        layer = self.vision_projection if modality == "vision" else self.text_projection
+        return layer(x.to(layer.weight.dtype))
+
+    def reconstruct(self, e: Tensor, modality: Modality) -> Tensor:
+        _check_modality(modality)
+        layer = self.vision_decoder if modality == "vision" else self.text_decoder
+        return layer(e.to(layer.weight.dtype))
+
+
+ARCHITECTURES: dict[str, type[SparseAutoencoder]] = {"vl-sae": VLSAE, "sae-v": SAEV, "sae-d": SAED}
+
+
+def build(config: SAEConfig) -> SparseAutoencoder:
+    """Instantiate the architecture a config names (random initialisation)."""
+    return ARCHITECTURES[config.architecture](config)
+
+
+def _check_modality(modality: str) -> None:
+    if modality not in MODALITIES:
+        raise ValueError(f"modality must be one of {MODALITIES}, got {modality!r}")
