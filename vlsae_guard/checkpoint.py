@@ -24,8 +24,10 @@ from .sae import SparseAutoencoder, build
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 AUX_WEIGHTS_NAME = "aux.safetensors"
-# Magic numbers of what people pass by mistake: a raw pickle and torch.save's zip archive.
-_PICKLE_MAGIC = (b"\x80", b"PK\x03\x04")
+# Magic numbers of what people pass by mistake: a raw pickle (PROTO opcode, protocol 2-5) and
+# torch.save's zip archive. Only a hint for error messages: a safetensors file starts with its
+# header length, whose bytes can be anything, so it is always parsed as safetensors first.
+_PICKLE_MAGIC = (b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05", b"PK\x03\x04")
 
 
 class CheckpointError(ValueError):
@@ -58,6 +60,12 @@ def load(
     _load_checked(sae, directory / WEIGHTS_NAME, skip_prefix="aux.")
     if config.aux is not None:
         _load_checked(sae.aux, directory / AUX_WEIGHTS_NAME)
+    elif (directory / AUX_WEIGHTS_NAME).exists():
+        # Ignoring it would silently feed raw features to an SAE trained on projected ones.
+        raise CheckpointError(
+            f"{directory / AUX_WEIGHTS_NAME}: present, but {directory / CONFIG_NAME} has no "
+            "aux section describing it"
+        )
     return sae.to(device=device, dtype=dtype).eval()
 
 
@@ -80,12 +88,21 @@ def resolve(path_or_hub_id: str | os.PathLike, revision: str | None = None) -> P
     if name.count("/") != 1 or name.startswith((".", "/")):
         raise CheckpointError(f"{name}: no such directory, and not a Hub repo id (owner/name)")
     from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+    from huggingface_hub.errors import HfHubHTTPError, HFValidationError, LocalEntryNotFoundError
 
     try:
         return Path(
-            snapshot_download(name, revision=revision, allow_patterns=["*.json", "*.safetensors"])
+            snapshot_download(
+                name,
+                revision=revision,
+                allow_patterns=["*.json", "*.safetensors"],
+                local_files_only=_hub_offline(),
+            )
         )
+    except HFValidationError as e:
+        raise CheckpointError(
+            f"{name}: no such directory, and not a valid Hub repo id ({e})"
+        ) from e
     except LocalEntryNotFoundError as e:
         raise CheckpointError(
             f"{name}: not a local directory and the Hugging Face Hub cannot be reached "
@@ -94,6 +111,14 @@ def resolve(path_or_hub_id: str | os.PathLike, revision: str | None = None) -> P
         ) from e
     except HfHubHTTPError as e:
         raise CheckpointError(f"{name}: Hub download failed: {e}") from e
+
+
+def _hub_offline() -> bool:
+    """``HF_HUB_OFFLINE`` as set now: huggingface_hub reads it once, at import time."""
+    from huggingface_hub import constants
+
+    env = os.environ.get("HF_HUB_OFFLINE", "").upper()
+    return constants.HF_HUB_OFFLINE or env in {"1", "ON", "YES", "TRUE"}
 
 
 def read_config(file: Path) -> SAEConfig:
@@ -106,17 +131,24 @@ def read_config(file: Path) -> SAEConfig:
     try:
         return SAEConfig.model_validate(raw)
     except ValidationError as e:
-        raise CheckpointError(f"{file}: invalid config\n{_describe(e)}") from e
+        raise CheckpointError(f"{file}: invalid config\n{describe_validation_error(e)}") from e
 
 
-def _describe(error: ValidationError) -> str:
-    """One line per problem: field path, what was expected, what was found."""
+def describe_validation_error(
+    error: ValidationError, names: Mapping[str, str] | None = None
+) -> str:
+    """One line per problem: field path, what was expected, what was found.
+
+    ``names`` renames dotted field paths ("" for the model itself) for the reader: the CLI
+    shows its flags instead.
+    """
     lines = []
     for err in error.errors():
-        where = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        path = ".".join(str(p) for p in err["loc"])
+        where = names[path] if names and path in names else f"field {path or '(top level)'}"
         found = err.get("input")
         found = "" if isinstance(found, dict) else f" (found {found!r})"
-        lines.append(f"  field {where}: {err['msg']}{found}")
+        lines.append(f"  {where}: {err['msg']}{found}")
     return "\n".join(lines)
 
 
@@ -140,14 +172,14 @@ def _load_checked(
 def read_tensors(file: Path) -> dict[str, Tensor]:
     if not file.is_file():
         raise CheckpointError(f"{file}: missing")
-    if _looks_pickled(file):
-        raise CheckpointError(
-            f"{file}: is a pickle/torch.save file, expected safetensors; convert official "
-            "checkpoints with `vlsae-guard import-official`"
-        )
     try:
-        return load_file(file)
+        return load_file(file)  # parses a header, never runs code, whatever the file holds
     except (SafetensorError, OSError, ValueError) as e:
+        if _looks_pickled(file):
+            raise CheckpointError(
+                f"{file}: is a pickle/torch.save file, expected safetensors; convert official "
+                "checkpoints with `vlsae-guard import-official`"
+            ) from e
         raise CheckpointError(f"{file}: unreadable or truncated safetensors file ({e})") from e
 
 
@@ -214,6 +246,8 @@ _OFFICIAL_LAYOUTS: dict[str, dict[str, tuple[str, bool]]] = {
         "text_decoder.0.bias": ("text_decoder.bias", False),
     },
 }
+# The official training script's --topk default.
+OFFICIAL_TOPK = 256
 _AUX_KEYS = [
     f"{part}.{p}"
     for part in ("vision_projection", "text_projection", "vision_decoder", "text_decoder")
@@ -226,7 +260,7 @@ def import_official(
     out_dir: str | os.PathLike,
     *,
     aux_file: str | os.PathLike | None = None,
-    k: int = 256,
+    k: int = OFFICIAL_TOPK,
     source: dict | None = None,
 ) -> SparseAutoencoder:
     """Convert the paper's ``.pth`` (+ auxiliary ``.pt``) into a validated checkpoint directory."""
@@ -242,7 +276,7 @@ def import_official(
             f"{known}"
         )
     layout = _OFFICIAL_LAYOUTS[architecture]
-    n_concepts, d_in = state[next(iter(layout))].shape  # the first key is an encoder weight
+    n_concepts, d_in = _matrix_shape(state, next(iter(layout)), sae_file)  # an encoder weight
     ours = {
         new: (state[old].T if transpose else state[old]) for old, (new, transpose) in layout.items()
     }
@@ -255,10 +289,9 @@ def import_official(
             raise CheckpointError(
                 f"{aux_file}: expected auxiliary AE keys {_AUX_KEYS}, found {sorted(aux_state)}"
             )
-        d_proj, d_vision = aux_state["vision_projection.weight"].shape
-        aux_config = AuxConfig(
-            d_vision=d_vision, d_text=aux_state["text_projection.weight"].shape[1], d_proj=d_proj
-        )
+        d_proj, d_vision = _matrix_shape(aux_state, "vision_projection.weight", aux_file)
+        d_text = _matrix_shape(aux_state, "text_projection.weight", aux_file)[1]
+        aux_config = AuxConfig(d_vision=d_vision, d_text=d_text, d_proj=d_proj)
     try:
         config = SAEConfig(
             architecture=architecture,
@@ -269,13 +302,23 @@ def import_official(
             **({"source": source} if source else {}),
         )
     except ValidationError as e:
-        raise CheckpointError(f"{sae_file}: cannot build a config\n{_describe(e)}") from e
+        raise CheckpointError(
+            f"{sae_file}: cannot build a config\n{describe_validation_error(e)}"
+        ) from e
     sae = build(config)
     _load_checked(sae, sae_file, skip_prefix="aux.", tensors=ours)
     if sae.aux is not None:
         _load_checked(sae.aux, aux_file, tensors=aux_state)
     save(sae, out_dir)
     return sae.eval()
+
+
+def _matrix_shape(state: Mapping[str, Tensor], key: str, file: Path) -> tuple[int, int]:
+    """The shape of a weight the config is inferred from; anything but a matrix is refused."""
+    shape = tuple(state[key].shape)
+    if len(shape) != 2 or 0 in shape:
+        raise CheckpointError(f"{file}: tensor {key} should be a non-empty matrix, found {shape}")
+    return shape
 
 
 def _torch_load(file: Path) -> dict[str, Tensor]:

@@ -23,7 +23,7 @@ class Source(Strict):
     """Where the training representations came from (so a checkpoint is never applied blindly)."""
 
     model_id: str | None = None
-    site: Literal["projector", "layer"] = "projector"
+    site: Literal["projector", "layer"] | None = None  # None: unknown (e.g. imported)
     layer: int | None = Field(default=None, ge=0)
     pooling: Literal["token", "mean"] = "token"
 

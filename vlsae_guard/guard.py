@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from .backends import Backend, Prompt, detect
 from .checkpoint import load
 from .intervention import GuardConfig, ProjectorIntervention
+from .paper import FusionProcessor, PaperIntervention, PaperState
 from .sae import SparseAutoencoder
 
 # Models currently guarded, so a second guard() is refused instead of stacking hooks.
@@ -44,10 +45,18 @@ class GuardStats:
 class GuardHandle:
     """A guarded model. ``remove()`` restores it; usable as a context manager."""
 
-    def __init__(self, model: nn.Module, backend: Backend, intervention: ProjectorIntervention):
+    def __init__(
+        self,
+        model: nn.Module,
+        backend: Backend,
+        intervention: ProjectorIntervention | PaperIntervention,
+    ):
         self.model = model
         self.backend = backend
         self.intervention = intervention
+        self.paper = (
+            PaperState(intervention) if isinstance(intervention, PaperIntervention) else None
+        )
         self.stats = GuardStats()
         self.enabled = True
         self._undo: list = []
@@ -63,11 +72,45 @@ class GuardHandle:
         return bool(self._undo)
 
     def _attach(self) -> None:
-        projector = self.backend.projector()
-        self._undo.append(projector.register_forward_hook(self._on_projector).remove)
-        if self.config.text_grounded:
-            self._undo.append(self.backend.capture_prompt(self._on_prompt))
+        if self.paper is not None:
+            layer = self.backend.decoder_layers()[self.config.layer]
+            if self.config.point == "output":
+                hook = layer.register_forward_hook(self._on_layer_output)
+            else:
+                hook = layer.register_forward_pre_hook(self._on_layer_input, with_kwargs=True)
+            self._undo.append(hook.remove)
+            self._undo.append(self.backend.capture_layout(self._on_layout))
+        else:
+            projector = self.backend.projector()
+            self._undo.append(projector.register_forward_hook(self._on_projector).remove)
+            if self.config.text_grounded:
+                self._undo.append(self.backend.capture_prompt(self._on_prompt))
         _ACTIVE[self.model] = self
+
+    @torch.no_grad()
+    def generate(self, *args, **kwargs):
+        """``model.generate`` with this guard; in paper mode, with contrastive logit fusion.
+
+        Paper mode doubles the batch (plain rows, then guarded rows) and fuses their logits
+        each step, so both halves follow the same tokens; only the guarded half is returned.
+        """
+        if self.paper is None or not self.enabled:
+            return self.model.generate(*args, **kwargs)
+        batch = _batch_size(args, kwargs)
+        args = tuple(_double(a) for a in args)
+        kwargs = {k: _double(v) for k, v in kwargs.items()}
+        processors = list(kwargs.pop("logits_processor", None) or [])
+        fusion = FusionProcessor(self.config.c_alpha, self.config.c_beta)
+        kwargs["logits_processor"] = [fusion, *processors]
+        if self.config.exact:
+            kwargs["use_cache"] = False
+        self.paper.fused_rows = batch
+        try:
+            out = self.model.generate(*args, **kwargs)
+        finally:
+            self.paper.fused_rows = None
+            self.paper.end()
+        return _first_half(out, batch)
 
     def remove(self) -> None:
         """Detach every hook; calling it again is a no-op."""
@@ -76,6 +119,8 @@ class GuardHandle:
         if _ACTIVE.get(self.model) is self:
             del _ACTIVE[self.model]
         self._prompt = self._text_masks = None
+        if self.paper is not None:
+            self.paper.end()
 
     @contextmanager
     def disabled(self) -> Iterator[GuardHandle]:
@@ -109,6 +154,32 @@ class GuardHandle:
         self._text_masks = self.intervention.text_concepts(
             [embeds[i][keep[i]] for i in range(len(embeds))]
         )
+
+    def _on_layout(self, image_mask: Tensor, attention_mask: Tensor | None) -> None:
+        self.paper.begin(image_mask, attention_mask)
+
+    def _on_layer_output(self, module: nn.Module, args, output):
+        if not self.enabled or self.config.is_identity:
+            return None
+        hidden = output[0] if isinstance(output, tuple) else output
+        new = self._count(self.paper(hidden))
+        if new is None or not isinstance(output, tuple):
+            return new
+        return (new, *output[1:])
+
+    def _on_layer_input(self, module: nn.Module, args, kwargs):
+        if not self.enabled or self.config.is_identity:
+            return None
+        if args:
+            new = self._count(self.paper(args[0]))
+            return None if new is None else ((new, *args[1:]), kwargs)
+        new = self._count(self.paper(kwargs["hidden_states"]))
+        return None if new is None else (args, {**kwargs, "hidden_states": new})
+
+    def _count(self, new: Tensor | None) -> Tensor | None:
+        if new is not None:
+            self.stats.calls += 1
+        return new
 
     def _on_projector(self, module: nn.Module, args, output: Tensor) -> Tensor | None:
         if not self.enabled or self.config.is_identity:
@@ -158,24 +229,82 @@ def guard(
     backend = detect(model)
     if not isinstance(sae, SparseAutoencoder):
         sae = load(sae)
-    width = backend.out_features()
-    if width != sae.config.d_in:
-        raise GuardError(
-            f"the {backend.name} projector outputs width {width}, but the SAE expects "
-            f"d_in={sae.config.d_in}: this SAE was trained for another model"
-        )
-    if sae.config.source.site != "projector":
-        raise GuardError(
-            f"mode 'projector' needs an SAE trained at the projector output, this one was "
-            f"trained at site {sae.config.source.site!r} (layer {sae.config.source.layer})"
-        )
+    _check_compatible(backend, sae, config)
     device = next(backend.projector().parameters()).device
     if sae.device != device:
         sae = copy.deepcopy(sae).to(device)  # never move the caller's SAE behind their back
+    sae.eval()
     try:
-        intervention = ProjectorIntervention.build(sae.eval(), config)
+        if config.mode == "paper":
+            intervention = PaperIntervention(sae, config)
+        else:
+            intervention = ProjectorIntervention.build(sae, config)
     except ValueError as e:
         raise GuardError(str(e)) from e
     handle = GuardHandle(model, backend, intervention)
     handle._attach()
     return handle
+
+
+def _check_compatible(backend: Backend, sae: SparseAutoencoder, config: GuardConfig) -> None:
+    """Every reason this SAE cannot guard this model, raised before anything is attached."""
+    source, cfg = sae.config.source, sae.config
+    expected_site = "projector" if config.mode == "projector" else "layer"
+    if source.site is not None and source.site != expected_site:
+        raise GuardError(
+            f"mode {config.mode!r} needs an SAE trained at site {expected_site!r}; this one was "
+            f"trained at site {source.site!r}"
+            + (f" (layer {source.layer})" if source.layer is not None else "")
+        )
+    if config.mode == "projector":
+        width, what = backend.out_features(), f"the {backend.name} projector outputs"
+        if width != cfg.d_in:
+            raise GuardError(
+                f"{what} width {width}, but the SAE expects d_in={cfg.d_in}: this SAE was "
+                "trained for another model"
+            )
+        return
+    layers = len(backend.decoder_layers())
+    if config.layer >= layers:
+        raise GuardError(f"layer={config.layer} but the language model has {layers} layers")
+    hidden = backend.hidden_size()
+    widths = (cfg.aux.d_vision, cfg.aux.d_text) if cfg.aux else (cfg.d_in, cfg.d_in)
+    if any(w != hidden for w in widths):
+        raise GuardError(
+            f"the language model's hidden size is {hidden}, but the SAE"
+            + (" (through its auxiliary AE)" if cfg.aux else "")
+            + f" reads widths {widths}"
+        )
+    if config.exact and backend.name == "llava":
+        raise GuardError(
+            "exact=True re-runs the full sequence without the KV cache, which the original llava "
+            "package's generate() cannot do (it starts from inputs_embeds); use the transformers "
+            "backend or exact=False"
+        )
+
+
+def _batch_size(args, kwargs) -> int:
+    ids = args[0] if args else kwargs.get("input_ids", kwargs.get("inputs"))
+    if not torch.is_tensor(ids):
+        raise GuardError("paper-mode generate() needs input_ids (a tensor) as its first input")
+    return ids.shape[0]
+
+
+def _double(value):
+    """Repeat batched inputs (tensors, lists) so rows [:B] run plain and rows [B:] guarded."""
+    if torch.is_tensor(value) and value.dim() > 0:
+        return torch.cat([value, value])
+    if isinstance(value, list):
+        return value + value
+    return value
+
+
+def _first_half(out, batch: int):
+    if torch.is_tensor(out):
+        return out[:batch]
+    out.sequences = out.sequences[:batch]
+    for name in ("scores", "logits"):
+        steps = getattr(out, name, None)
+        if steps is not None:
+            setattr(out, name, tuple(step[:batch] for step in steps))
+    return out

@@ -22,10 +22,13 @@ class GuardConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    mode: Literal["projector"] = "projector"
+    mode: Literal["projector", "paper"] = "projector"
+    # Strength; by mode: projector 0.5, paper 0.8 (the paper's POPE setting; 0.7 for CHAIR).
+    alpha: float = Field(ge=0.0, le=1.0)  # filled by _default_alpha when not given
+
+    # -- projector mode ---------------------------------------------------------------------
     # replace: v' = (1 - alpha) v + alpha D(z * 1_S);  edit: v' = v + alpha (D(z * 1_S) - D(z)).
     method: Literal["replace", "edit"] = "replace"
-    alpha: float = Field(default=0.5, ge=0.0, le=1.0)
     # Further restrict S per sample to the concepts the prompt's own text tokens activate.
     text_grounded: bool = False
     # Override the checkpoint's shared-concept set.
@@ -33,17 +36,46 @@ class GuardConfig(BaseModel):
     # Clamp concepts on the vision tokens: {concept index: activation value}.
     steer: dict[int, float] = Field(default_factory=dict)
 
+    # -- paper mode (decoder layer L, the VL-SAE paper's inference) ---------------------------
+    layer: int | None = Field(default=None, ge=0)
+    point: Literal["input", "output"] = "output"
+    beta: float = Field(default=0.9, ge=0.0, le=1.0)
+    c_alpha: float = Field(default=0.6, ge=0.0, le=1.0)
+    c_beta: float = Field(default=0.8, gt=0.0, le=1.0)
+    # Recompute the whole sequence every step (the official code's semantics, slow).
+    exact: bool = False
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_alpha(cls, data):
+        if isinstance(data, dict) and data.get("alpha") is None:
+            data = {**data, "alpha": 0.8 if data.get("mode") == "paper" else 0.5}
+        return data
+
     @model_validator(mode="after")
-    def _check_steer(self) -> GuardConfig:
+    def _check_mode(self) -> GuardConfig:
         bad = [c for c in self.steer if c < 0]
         if bad:
             raise ValueError(f"steer: concept indices must be >= 0, got {bad}")
+        if self.mode == "paper":
+            if self.layer is None:
+                raise ValueError("mode 'paper' needs layer=L (the decoder layer to hook)")
+            extra = [n for n in ("text_grounded", "shared_concepts", "steer") if getattr(self, n)]
+            if extra:
+                raise ValueError(f"{extra} apply to mode 'projector' only")
+        else:
+            changed = [n for n in _PAPER_ONLY if n in self.model_fields_set]
+            if changed:
+                raise ValueError(f"{changed} apply to mode 'paper' only")
         return self
 
     @property
     def is_identity(self) -> bool:
         """True when the hook would change nothing, so it is skipped (bit-exact outputs)."""
         return self.alpha == 0.0 and not self.steer
+
+
+_PAPER_ONLY = ("layer", "point", "beta", "c_alpha", "c_beta", "exact")
 
 
 class ProjectorIntervention:

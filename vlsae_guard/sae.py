@@ -49,9 +49,9 @@ class Decoder(nn.Module):
         nn.init.kaiming_uniform_(self.weight, a=5**0.5)
 
     def forward(self, z: Tensor) -> Tensor:
-        return torch.addmm(self.bias, z.reshape(-1, z.shape[-1]), self.weight).reshape(
-            *z.shape[:-1], -1
-        )
+        # Explicit output width: reshape(..., -1) cannot infer it for an empty batch.
+        out = torch.addmm(self.bias, z.reshape(-1, z.shape[-1]), self.weight)
+        return out.reshape(*z.shape[:-1], self.weight.shape[-1])
 
     def sparse(self, codes: Codes, bias: bool = True) -> Tensor:
         """Decode top-k codes by gathering k rows; ``bias=False`` returns the pure concept sum."""
@@ -61,7 +61,7 @@ class Decoder(nn.Module):
         out = F.embedding_bag(idx, self.weight, per_sample_weights=vals, mode="sum")
         if bias:
             out = out + self.bias
-        return out.reshape(*codes.indices.shape[:-1], -1)
+        return out.reshape(*codes.indices.shape[:-1], self.weight.shape[-1])
 
 
 class SparseAutoencoder(nn.Module):
@@ -110,6 +110,9 @@ class SparseAutoencoder(nn.Module):
         """Reconstruct from dense activations or from :class:`Codes` (the fast sparse path)."""
         _check_modality(modality)
         decoder = self.decoder_for(modality)
+        width = z.n_concepts if isinstance(z, Codes) else z.shape[-1]
+        if width != self.n_concepts:
+            raise ValueError(f"expected codes over {self.n_concepts} concepts, got {width}")
         if isinstance(z, Codes):
             return decoder.sparse(z)
         return decoder(z.to(self.dtype))
@@ -154,6 +157,11 @@ class VLSAE(SparseAutoencoder):
 
     ``a_j = 2 - ||x/||x|| - w_j/||w_j||||_2 = 2 - sqrt(2 - 2 cos(x, w_j))`` is monotone in the
     cosine, so TopK runs on the cosine and only the k winners go through the square root.
+
+    Nothing derived from the encoder is cached: a cache keyed on the parameter's version
+    counter misses writes through ``.data`` (which has its own counter) and can be fooled by
+    allocator address reuse. Dividing the scores by the row norms instead of normalising a
+    copy of the ``n x d`` weight keeps the per-call overhead to one read of the weight.
     """
 
     def __init__(self, config: SAEConfig):
@@ -163,23 +171,20 @@ class VLSAE(SparseAutoencoder):
         nn.init.kaiming_uniform_(self.encoder, a=5**0.5)
         self.vision_decoder = Decoder(n, d)
         self.text_decoder = Decoder(n, d)
-        self._unit_cache: tuple[tuple, Tensor] | None = None
 
     def unit_encoder(self) -> Tensor:
-        """Row-normalised encoder; cached at inference, recomputed whenever the weight changes."""
-        w = self.encoder
-        if torch.is_grad_enabled() and w.requires_grad:
-            return F.normalize(w, dim=-1)
-        key = (w._version, w.data_ptr(), w.dtype, w.device)
-        if self._unit_cache is None or self._unit_cache[0] != key:
-            self._unit_cache = (key, F.normalize(w.detach(), dim=-1))
-        return self._unit_cache[1]
+        """Row-normalised encoder: the concept directions the inputs are compared against."""
+        return F.normalize(self.encoder, dim=-1)
 
     def _scores(self, x: Tensor, modality: Modality) -> Tensor:
-        return F.normalize(x, dim=-1) @ self.unit_encoder().T
+        w = self.encoder
+        # Same eps as F.normalize, so zero rows score 0 like in the reference.
+        inv_norm = torch.linalg.vector_norm(w, dim=-1).clamp_min(1e-12).reciprocal()
+        return (F.normalize(x, dim=-1) @ w.T) * inv_norm
 
     def _activation(self, top_scores: Tensor) -> Tensor:
-        return 2 - torch.sqrt((2 - 2 * top_scores).clamp_min(0))
+        # Rounding can push |cos| slightly past 1; clamping keeps activations inside [0, 2].
+        return 2 - torch.sqrt((2 - 2 * top_scores).clamp(0, 4))
 
     def decoder_for(self, modality: Modality) -> Decoder:
         return self.vision_decoder if modality == "vision" else self.text_decoder

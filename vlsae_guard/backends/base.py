@@ -41,6 +41,27 @@ class Prompt:
 
 
 PromptSink = Callable[[Prompt], None]
+# Receives (image_mask, attention_mask) in the language model's sequence coordinates.
+LayoutSink = Callable[[Tensor, Tensor | None], None]
+
+
+def wrap_method(obj: object, name: str, make: Callable) -> Callable[[], None]:
+    """Shadow ``obj.name`` with ``make(original)`` on this instance only; returns the undo.
+
+    Used where no module hook fires early enough (e.g. ``generate`` encodes images before the
+    first forward). The undo restores the instance exactly, own attribute or not.
+    """
+    had_own = name in vars(obj)
+    original = getattr(obj, name)
+    setattr(obj, name, make(original))
+
+    def undo() -> None:
+        if had_own:
+            setattr(obj, name, original)
+        else:
+            delattr(obj, name)
+
+    return undo
 
 
 class Backend:
@@ -64,6 +85,27 @@ class Backend:
         Returns a function that undoes exactly what was arranged.
         """
         raise NotImplementedError
+
+    def capture_layout(self, sink: LayoutSink) -> Callable[[], None]:
+        """Like :meth:`capture_prompt`, in the language model's coordinates (paper mode).
+
+        Where placeholders are expanded before the model runs (transformers), both agree.
+        """
+        return self.capture_prompt(lambda p: sink(p.image_mask, p.attention_mask))
+
+    def language_model(self) -> nn.Module:
+        raise NotImplementedError
+
+    def decoder_layers(self) -> nn.ModuleList:
+        lm = self.language_model()
+        for owner in (lm, getattr(lm, "model", None)):
+            layers = getattr(owner, "layers", None)
+            if isinstance(layers, nn.ModuleList):
+                return layers
+        raise UnsupportedModelError(f"{self.name}: cannot find the decoder layers")
+
+    def hidden_size(self) -> int:
+        return self.model.get_input_embeddings().embedding_dim
 
     def rows_per_sample(self, prompt: Prompt, n_rows: int, tokens_per_row: int) -> Tensor:
         """Projector rows (images or crops) that each sample owns, in batch order."""

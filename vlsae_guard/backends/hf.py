@@ -9,9 +9,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from torch import nn
+import torch
+from torch import Tensor, nn
 
-from .base import Backend, Prompt, PromptSink
+from .base import Backend, LayoutSink, Prompt, PromptSink, wrap_method
 
 
 def _find(model: nn.Module, name: str):
@@ -42,26 +43,55 @@ class HFLlava(Backend):
     def projector(self) -> nn.Module:
         return _find(self.model, "multi_modal_projector")
 
-    def capture_prompt(self, sink: PromptSink) -> Callable[[], None]:
-        token_id = _image_token_id(self.model)
+    def language_model(self) -> nn.Module:
+        return _find(self.model, "language_model")
 
+    def capture_prompt(self, sink: PromptSink) -> Callable[[], None]:
+        # The projector runs inside forward() when it is given pixel_values, but generate()
+        # (transformers >= 5) encodes the images before its first forward: catch both.
+        def on_call(args, kwargs) -> None:
+            input_ids = kwargs.get("input_ids", args[0] if args else None)
+            if kwargs.get("pixel_values") is not None and torch.is_tensor(input_ids):
+                sink(self._prompt(input_ids, kwargs))
+
+        def make(original):
+            def generate(*args, **kwargs):
+                on_call(args, kwargs)
+                return original(*args, **kwargs)
+
+            return generate
+
+        hook = self.model.register_forward_pre_hook(
+            lambda module, args, kwargs: on_call(args, kwargs), with_kwargs=True
+        )
+        undo_generate = wrap_method(self.model, "generate", make)
+
+        def undo() -> None:
+            hook.remove()
+            undo_generate()
+
+        return undo
+
+    def capture_layout(self, sink: LayoutSink) -> Callable[[], None]:
+        # Every forward that splices image features (given as pixels or pre-encoded) is a
+        # prompt, or a re-run of the whole sequence, in the language model's coordinates.
         def pre_hook(module, args, kwargs):
             input_ids = kwargs.get("input_ids", args[0] if args else None)
-            if kwargs.get("pixel_values") is None or input_ids is None:
-                return None
-            sizes = kwargs.get("image_sizes")
-            sink(
-                Prompt(
-                    input_ids=input_ids,
-                    attention_mask=kwargs.get("attention_mask"),
-                    image_mask=input_ids == token_id,
-                    image_groups=self.image_groups(sizes) if sizes is not None else None,
-                )
-            )
-            return None
+            spliced = kwargs.get("pixel_values") is not None or kwargs.get("mm_encoder_outputs")
+            if spliced and torch.is_tensor(input_ids):
+                prompt = self._prompt(input_ids, kwargs)
+                sink(prompt.image_mask, prompt.attention_mask)
 
-        handle = self.model.register_forward_pre_hook(pre_hook, with_kwargs=True)
-        return handle.remove
+        return self.model.register_forward_pre_hook(pre_hook, with_kwargs=True).remove
+
+    def _prompt(self, input_ids: Tensor, kwargs: dict) -> Prompt:
+        sizes = kwargs.get("image_sizes")
+        return Prompt(
+            input_ids=input_ids,
+            attention_mask=kwargs.get("attention_mask"),
+            image_mask=input_ids == _image_token_id(self.model),
+            image_groups=self.image_groups(sizes) if sizes is not None else None,
+        )
 
     def image_groups(self, image_sizes) -> list[int] | None:
         """Projector rows per image: one per image for LLaVA-1.5 (image_sizes is informational)."""
@@ -77,11 +107,13 @@ class HFLlavaNext(HFLlava):
     """LLaVA-NeXT: the projector sees every anyres crop; image-newline tokens are not its output.
 
     After unpadding, an image's placeholder count is no multiple of the crop size, so images
-    are counted as placeholder runs, the base class's rule (prompts must put text between
-    consecutive images).
+    are counted as placeholder runs (prompts must put text between consecutive images).
     """
 
     name = "hf-llava-next"
+
+    def images_per_sample(self, prompt: Prompt, tokens_per_row: int):
+        return prompt.images_per_sample()
 
     @classmethod
     def matches(cls, model: nn.Module) -> bool:

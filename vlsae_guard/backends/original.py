@@ -12,7 +12,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from .base import Backend, Prompt, PromptSink
+from .base import Backend, LayoutSink, Prompt, PromptSink, wrap_method
 
 IMAGE_TOKEN_INDEX = -200  # llava.constants.IMAGE_TOKEN_INDEX, fixed by the original code
 _PREPARE = "prepare_inputs_labels_for_multimodal"
@@ -31,48 +31,64 @@ class OriginalLlava(Backend):
     def projector(self) -> nn.Module:
         return self.model.get_model().mm_projector
 
-    def capture_prompt(self, sink: PromptSink) -> Callable[[], None]:
-        model = self.model
-        had_own = _PREPARE in vars(model)
-        original = getattr(model, _PREPARE)
+    def language_model(self) -> nn.Module:
+        return self.model.get_model()
 
-        def prepare(
-            input_ids,
-            position_ids,
-            attention_mask,
-            past_key_values,
-            labels,
-            images,
-            image_sizes=None,
-        ):
-            if images is not None and input_ids is not None and input_ids.shape[1] > 1:
-                sink(
-                    Prompt(
-                        input_ids=input_ids,
-                        attention_mask=attention_mask,
-                        image_mask=input_ids == IMAGE_TOKEN_INDEX,
-                        image_groups=_groups(images),
-                    )
+    def capture_prompt(self, sink: PromptSink) -> Callable[[], None]:
+        def before(input_ids, attention_mask, images) -> None:
+            sink(
+                Prompt(
+                    input_ids=input_ids,
+                    attention_mask=attention_mask,
+                    image_mask=input_ids == IMAGE_TOKEN_INDEX,
+                    image_groups=_groups(images),
                 )
-            return original(
+            )
+
+        return self._wrap_prepare(before=before)
+
+    def capture_layout(self, sink: LayoutSink) -> Callable[[], None]:
+        def after(input_ids, attention_mask, outputs) -> None:
+            new_mask, embeds = outputs[2], outputs[4]
+            if embeds is not None:
+                sink(
+                    _image_positions(input_ids, attention_mask, new_mask, embeds.shape[1]), new_mask
+                )
+
+        return self._wrap_prepare(after=after)
+
+    def _wrap_prepare(self, before=None, after=None) -> Callable[[], None]:
+        """Wrap the instance's prepare method (the only place the prompt is visible)."""
+
+        def make(original):
+            def prepare(
                 input_ids,
                 position_ids,
                 attention_mask,
                 past_key_values,
                 labels,
                 images,
-                image_sizes,
-            )
+                image_sizes=None,
+            ):
+                active = images is not None and input_ids is not None and input_ids.shape[1] > 1
+                if active and before:
+                    before(input_ids, attention_mask, images)
+                outputs = original(
+                    input_ids,
+                    position_ids,
+                    attention_mask,
+                    past_key_values,
+                    labels,
+                    images,
+                    image_sizes,
+                )
+                if active and after:
+                    after(input_ids, attention_mask, outputs)
+                return outputs
 
-        setattr(model, _PREPARE, prepare)
+            return prepare
 
-        def undo() -> None:
-            if had_own:
-                setattr(model, _PREPARE, original)
-            else:
-                delattr(model, _PREPARE)
-
-        return undo
+        return wrap_method(self.model, _PREPARE, make)
 
     def images_per_sample(self, prompt: Prompt, tokens_per_row: int) -> Tensor:
         # One placeholder token per image; the original code hands a text-only sample one image
@@ -91,3 +107,25 @@ def _groups(images) -> list[int] | None:
     if torch.is_tensor(images) and images.ndim == 5:
         return [images.shape[1]] * images.shape[0]
     return None
+
+
+def _image_positions(input_ids: Tensor, attention_mask, new_mask, length: int) -> Tensor:
+    """Where prepare_inputs_labels_for_multimodal put the image features of each sample.
+
+    It drops padding, replaces each -200 with the image's rows, then pads again (right, or left
+    when the config says so); images of one sample are assumed to be equally long.
+    """
+    batch = input_ids.shape[0]
+    out = torch.zeros(batch, length, dtype=torch.bool, device=input_ids.device)
+    for i in range(batch):
+        ids = input_ids[i] if attention_mask is None else input_ids[i][attention_mask[i].bool()]
+        slots = (ids == IMAGE_TOKEN_INDEX).nonzero().flatten().tolist()
+        valid = new_mask[i].nonzero().flatten() if new_mask is not None else torch.arange(length)
+        if not slots or not len(valid):
+            continue
+        per_image = (len(valid) - (len(ids) - len(slots))) // len(slots)
+        start = int(valid[0])
+        for j, slot in enumerate(slots):
+            first = start + slot + j * (per_image - 1)
+            out[i, first : first + per_image] = True
+    return out

@@ -1,0 +1,199 @@
+"""Paper mode: KV-cached generation vs the official recompute semantics vs the formulas by hand."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from vlsae_guard import VLSAE, SAEConfig, guard
+from vlsae_guard.backends import detect
+
+LAYER, ALPHA, BETA, C_ALPHA, C_BETA = 1, 0.8, 0.9, 0.6, 0.8
+STEPS = 5
+QUESTION = "USER: <image>\nIs there a dog in the image? ASSISTANT:"
+
+
+@pytest.fixture(scope="module")
+def sae():
+    torch.manual_seed(3)
+    return VLSAE(SAEConfig(d_in=64, n_concepts=128, k=8)).eval()
+
+
+@pytest.fixture(scope="module")
+def inputs(hf_model_and_processor, tiny_images):
+    """Two prompts of equal length (no padding), so plain forward calls use the same positions
+    as generate() does."""
+    _, processor = hf_model_and_processor
+    return dict(processor(images=tiny_images[:2], text=[QUESTION] * 2, return_tensors="pt"))
+
+
+def paper_generate(model, sae, inputs, **settings):
+    with (
+        guard(
+            model,
+            sae,
+            mode="paper",
+            layer=LAYER,
+            alpha=ALPHA,
+            beta=BETA,
+            c_alpha=C_ALPHA,
+            c_beta=C_BETA,
+            **settings,
+        ) as handle,
+        torch.no_grad(),
+    ):
+        out = handle.generate(
+            **inputs,
+            max_new_tokens=STEPS,
+            do_sample=False,
+            output_scores=True,
+            return_dict_in_generate=True,
+        )
+    return out.sequences, out.scores
+
+
+def reference(model, sae, inputs):
+    """The formulas as written, the official way: every step re-runs the full sequence twice."""
+    ids, mask, pixels = inputs["input_ids"], inputs["attention_mask"], inputs["pixel_values"]
+    image_id = model.config.image_token_id
+    layer = detect(model).decoder_layers()[LAYER]
+    scores = []
+    for _ in range(STEPS):
+        positions = torch.arange(ids.shape[1])
+        is_image = ids == image_id
+        last = torch.where(is_image, positions, -1).max(-1).values
+        is_text = positions > last[:, None]
+
+        def shift(module, args, out, is_image=is_image, is_text=is_text):
+            h = out.float()
+            v_bar = (h * is_image[..., None]).sum(1) / is_image.sum(1, keepdim=True)
+            t_bar = (h * is_text[..., None]).sum(1) / is_text.sum(1, keepdim=True)
+            z = (1 - BETA) * sae.encode(t_bar, "text") + BETA * sae.encode(v_bar, "vision")
+            t_rec = sae.decode(z, "text")
+            t_new = (1 - ALPHA) * t_bar + ALPHA * t_rec
+            return out + (t_new - t_bar)[:, None, :] * is_text[..., None]
+
+        with torch.no_grad():
+            plain = model(input_ids=ids, attention_mask=mask, pixel_values=pixels).logits[:, -1]
+            hook = layer.register_forward_hook(shift)
+            try:
+                guarded = model(input_ids=ids, attention_mask=mask, pixel_values=pixels).logits
+            finally:
+                hook.remove()
+        guarded = guarded[:, -1]
+        fused = (1 - C_ALPHA) * plain + C_ALPHA * guarded
+        cutoff = plain.max(-1, keepdim=True).values + math.log(C_BETA)
+        fused = fused.masked_fill(plain < cutoff, -math.inf)
+        scores.append(fused)
+        ids = torch.cat([ids, fused.argmax(-1, keepdim=True)], 1)
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+    return ids, scores
+
+
+def assert_scores_close(a, b):
+    finite = torch.isfinite(a)
+    assert torch.equal(finite, torch.isfinite(b))
+    torch.testing.assert_close(a[finite], b[finite], rtol=1e-4, atol=1e-4)
+
+
+def test_exact_mode_equals_the_reference(hf_model_and_processor, sae, inputs):
+    model, _ = hf_model_and_processor
+    ids, scores = paper_generate(model, sae, inputs, exact=True)
+    ref_ids, ref_scores = reference(model, sae, inputs)
+    assert ids.tolist() == ref_ids.tolist()
+    for ours, theirs in zip(scores, ref_scores, strict=True):
+        assert_scores_close(ours, theirs)
+
+
+def test_cached_first_token_equals_exact(hf_model_and_processor, sae, inputs):
+    model, _ = hf_model_and_processor
+    cached_ids, cached = paper_generate(model, sae, inputs)
+    exact_ids, exact = paper_generate(model, sae, inputs, exact=True)
+    assert_scores_close(cached[0], exact[0])
+    assert cached_ids[:, -STEPS].tolist() == exact_ids[:, -STEPS].tolist()
+
+
+def test_paper_mode_changes_output_and_removes_cleanly(hf_model_and_processor, sae, inputs):
+    model, _ = hf_model_and_processor
+    with torch.no_grad():
+        plain = model.generate(
+            **inputs,
+            max_new_tokens=STEPS,
+            do_sample=False,
+            output_logits=True,
+            return_dict_in_generate=True,
+        )
+    ids, scores = paper_generate(model, sae, inputs)
+    assert not torch.equal(torch.stack(scores), torch.stack(plain.logits))
+    with torch.no_grad():
+        again = model.generate(
+            **inputs,
+            max_new_tokens=STEPS,
+            do_sample=False,
+            output_logits=True,
+            return_dict_in_generate=True,
+        )
+    assert torch.equal(torch.stack(again.logits), torch.stack(plain.logits))
+
+
+def test_paper_mode_on_the_original_llava(llava_model_and_tokenizer, tiny_images, sae):
+    from llava.constants import IMAGE_TOKEN_INDEX
+    from llava.mm_utils import process_images, tokenizer_image_token
+
+    model, tokenizer = llava_model_and_tokenizer
+    ids = tokenizer_image_token(QUESTION, tokenizer, IMAGE_TOKEN_INDEX, return_tensors="pt")[None]
+    images = process_images(tiny_images[:1], model.get_vision_tower().image_processor, model.config)
+    kwargs = dict(
+        images=images,
+        image_sizes=[tiny_images[0].size],
+        max_new_tokens=STEPS,
+        do_sample=False,
+        output_scores=True,
+        return_dict_in_generate=True,
+    )
+    with torch.no_grad():
+        plain = model.generate(ids, **kwargs)
+        with guard(model, sae, mode="paper", layer=LAYER) as handle:
+            out = handle.generate(ids, **kwargs)
+            seen = handle.paper.batch
+    assert handle.stats.calls == STEPS  # one shifted layer call per generated token
+    assert seen is None  # state is dropped after each generate()
+    assert not torch.equal(torch.stack(out.scores), torch.stack(plain.scores))
+
+
+def test_original_llava_layout_matches_where_features_are_spliced(
+    llava_model_and_tokenizer, tiny_images
+):
+    from llava.constants import IMAGE_TOKEN_INDEX
+    from llava.mm_utils import process_images, tokenizer_image_token
+
+    model, tokenizer = llava_model_and_tokenizer
+    prompts = [QUESTION, "USER: <image>\nDescribe it. ASSISTANT:"]
+    ids = [
+        tokenizer_image_token(p, tokenizer, IMAGE_TOKEN_INDEX, return_tensors="pt") for p in prompts
+    ]
+    width = max(len(i) for i in ids)
+    batch = torch.stack([torch.cat([i.new_full((width - len(i),), 0), i]) for i in ids])
+    mask = torch.stack([torch.arange(width) >= width - len(i) for i in ids]).long()
+    images = process_images(tiny_images[:2], model.get_vision_tower().image_processor, model.config)
+    backend = detect(model)
+    layouts, features, embeds = [], [], []
+    undo = backend.capture_layout(lambda image_mask, attn: layouts.append(image_mask))
+    hooks = [
+        backend.projector().register_forward_hook(lambda m, a, out: features.append(out)),
+        backend.language_model().register_forward_pre_hook(
+            lambda m, a, kw: embeds.append(kw["inputs_embeds"]), with_kwargs=True
+        ),
+    ]
+    try:
+        with torch.no_grad():
+            model(input_ids=batch, attention_mask=mask, images=images)
+    finally:
+        undo()
+        for hook in hooks:
+            hook.remove()
+    (layout,), (feats,), (lm_in,) = layouts, features, embeds
+    for i in range(2):
+        assert torch.equal(lm_in[i][layout[i]], feats[i])

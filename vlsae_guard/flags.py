@@ -1,0 +1,63 @@
+"""Guard settings as command-line flags, shared by our CLI, the benchmarks and the patches.
+
+One definition of the flags means a patched ``llava/eval`` script, ``benchmarks/pope.py`` and
+``vlsae-guard`` accept the same spelling, and all of them validate through :class:`GuardConfig`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from pydantic import ValidationError
+
+from .intervention import GuardConfig
+
+
+def add_guard_flags(parser: argparse.ArgumentParser, prefix: str = "vlsae-") -> None:
+    """Add ``--{prefix}guard DIR`` and the settings; nothing is guarded unless DIR is given."""
+    group = parser.add_argument_group("vlsae-guard")
+    group.add_argument(
+        f"--{prefix}guard",
+        metavar="DIR",
+        default=None,
+        help="VL-SAE checkpoint directory (or Hub id); enables the guard",
+    )
+    group.add_argument(f"--{prefix}mode", choices=["projector", "paper"], default="projector")
+    group.add_argument(f"--{prefix}method", choices=["replace", "edit"], default=None)
+    group.add_argument(f"--{prefix}alpha", type=float, default=None)
+    group.add_argument(f"--{prefix}text-grounded", action="store_true", default=None)
+    group.add_argument(f"--{prefix}layer", type=int, default=None, help="paper mode: layer L")
+    group.add_argument(
+        f"--{prefix}steer",
+        default=None,
+        metavar="JSON",
+        help="clamp concepts, e.g. '{\"12\": 1.5}'",
+    )
+
+
+def settings_from_args(args: argparse.Namespace, prefix: str = "vlsae-") -> GuardConfig | None:
+    """The validated :class:`GuardConfig` the flags describe, or None when not guarding."""
+    ns = vars(args)
+    attr = prefix.replace("-", "_")
+    if ns.get(f"{attr}guard") is None:
+        return None
+    fields = ("mode", "method", "alpha", "text_grounded", "layer", "steer")
+    given = {f: ns.get(f"{attr}{f}") for f in fields}
+    given = {f: v for f, v in given.items() if v is not None}
+    try:
+        if "steer" in given:
+            given["steer"] = {int(k): float(v) for k, v in json.loads(given["steer"]).items()}
+        return GuardConfig(**given)
+    except (ValidationError, ValueError) as e:
+        raise SystemExit(f"invalid --{prefix}* settings: {e}") from e
+
+
+def guard_from_args(model, args: argparse.Namespace, prefix: str = "vlsae-"):
+    """Guard ``model`` as the flags say; returns the handle, or None when not guarding."""
+    config = settings_from_args(args, prefix)
+    if config is None:
+        return None
+    from .guard import guard
+
+    return guard(model, vars(args)[f"{prefix.replace('-', '_')}guard"], config=config)
