@@ -18,11 +18,9 @@ Usage: ``python benchmarks/perf_sae.py [--tokens 576 --d 4096 --concepts 32768 -
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
-from collections.abc import Callable, Sequence
 
 import torch
+from _timing import median_times
 from torch import Tensor
 
 from vlsae_guard import VLSAE, SAEConfig, reference
@@ -39,28 +37,6 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=5, help="timed calls (the median is shown)")
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args()
-
-
-def median_times(
-    fns: Sequence[Callable[[], Tensor]], warmup: int, repeats: int
-) -> list[tuple[float, Tensor]]:
-    """Median wall time and last output of each function, calls interleaved.
-
-    Interleaving spreads machine noise (shared cores, memory bandwidth) over all candidates
-    instead of biasing whichever happened to run during a slow spell.
-    """
-    for _ in range(warmup):
-        for fn in fns:
-            fn()
-    times: list[list[float]] = [[] for _ in fns]
-    outs: list[Tensor] = []
-    for _ in range(repeats):
-        outs = []
-        for fn, ts in zip(fns, times, strict=True):
-            start = time.perf_counter()
-            outs.append(fn())
-            ts.append(time.perf_counter() - start)
-    return [(statistics.median(ts), out) for ts, out in zip(times, outs, strict=True)]
 
 
 def selected(z: Tensor) -> Tensor:

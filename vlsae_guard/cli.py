@@ -218,5 +218,44 @@ def info_command(args: argparse.Namespace) -> None:
     print(config.model_dump_json(indent=2))
 
 
+# --- demo --------------------------------------------------------------------------------------
+
+
+@subcommand(
+    "demo",
+    "A/B run of the guard on a tiny LLaVA built here (offline, about a minute on a CPU)",
+    arg("--images", type=int, default=24, help="generated images (3 questions each)"),
+    arg("--seed", type=int, default=0),
+    arg("--alpha", type=float, default=0.5),
+    arg("--method", choices=["replace", "edit"], default="replace"),
+    arg("--batch-size", type=int, default=8),
+    arg("--out", type=Path, default=None, help="write results.json and answers.jsonl here"),
+)
+def demo_command(args: argparse.Namespace) -> None:
+    """Build a tiny LLaVA, a VL-SAE fitted to it and POPE-style questions; answer with the
+    guard off and on; print the POPE metrics of both arms and McNemar's p."""
+    from . import demo
+
+    result = demo.run(
+        n_images=args.images,
+        seed=args.seed,
+        alpha=args.alpha,
+        method=args.method,
+        batch_size=args.batch_size,
+        out=args.out,
+    )
+    sae = result["settings"]["sae"]
+    print(
+        f"tiny LLaVA + VL-SAE ({sae['n_concepts']} concepts, k={sae['k']}, "
+        f"{sae['shared']} shared; explained variance vision "
+        f"{sae['explained_variance_vision']:.2f}, text {sae['explained_variance_text']:.2f})"
+    )
+    print(f"guard: {args.method}, alpha={args.alpha}\n")
+    print(demo.format_table(result))
+    print("\n" + demo.DISCLAIMER)
+    if args.out is not None:
+        print(f"wrote {args.out / 'results.json'} and {args.out / 'answers.jsonl'}")
+
+
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,0 +1,1 @@
+"""Benchmark scoring as pure functions: prompt, parse, score, aggregate (no model code here)."""
