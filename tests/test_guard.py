@@ -360,3 +360,60 @@ def test_guard_loads_a_checkpoint_directory(hf_model_and_processor, sae, tmp_pat
     sae.save_pretrained(tmp_path / "sae")
     with guard(model, tmp_path / "sae", method="edit") as handle:
         assert handle.intervention.sae.config == sae.config
+
+
+def guarded_projection(model, inputs):
+    """(raw, guarded) projector outputs of one forward pass under a text-grounded guard."""
+    projector = detect(model).projector()
+    raw, guarded = [], []
+    first = projector.register_forward_hook(lambda m, a, out: raw.append(out.clone()))
+    try:
+        with guard(model, make_sae(), text_grounded=True, alpha=1.0):
+            last = projector.register_forward_hook(lambda m, a, out: guarded.append(out.clone()))
+            try:
+                with torch.no_grad():
+                    model(**inputs)
+            finally:
+                last.remove()
+    finally:
+        first.remove()
+    return raw[0], guarded[0]
+
+
+def test_several_images_per_prompt_map_to_their_sample(hf_model_and_processor, tiny_images):
+    model, processor = hf_model_and_processor
+    processor.tokenizer.padding_side = "left"
+    prompts = [
+        "USER: <image>\nand <image>\nAre these the same? ASSISTANT:",
+        "USER: <image>\nIs there a dog? ASSISTANT:",
+    ]
+    inputs = dict(
+        processor(images=tiny_images[:3], text=prompts, return_tensors="pt", padding=True)
+    )
+    raw, guarded = guarded_projection(model, inputs)
+    ids = inputs["input_ids"]
+    text = (ids != model.config.image_token_id) & inputs["attention_mask"].bool()
+    embeds = model.get_input_embeddings()(ids)
+    inter = ProjectorIntervention.build(make_sae(), GuardConfig(text_grounded=True, alpha=1.0))
+    masks = inter.text_concepts([embeds[i][text[i]] for i in range(2)])
+    owners = torch.tensor([0, 0, 1]).repeat_interleave(raw.shape[1])
+    torch.testing.assert_close(guarded, inter(raw, owners, masks))
+    assert not torch.equal(inter(raw, owners, masks), inter(raw, owners.flip(0), masks))
+
+
+def test_right_padding_gives_the_same_guarded_features(hf_model_and_processor, tiny_images):
+    model, processor = hf_model_and_processor
+    features = []
+    for side in ("left", "right"):
+        processor.tokenizer.padding_side = side
+        inputs = dict(
+            processor(
+                images=tiny_images[:2],
+                text=[f"USER: <image>\n{q} ASSISTANT:" for q in QUESTIONS],
+                return_tensors="pt",
+                padding=True,
+            )
+        )
+        features.append(guarded_projection(model, inputs)[1])
+    processor.tokenizer.padding_side = "left"
+    torch.testing.assert_close(features[0], features[1])
