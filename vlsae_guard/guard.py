@@ -294,7 +294,7 @@ def _double(value):
     """Repeat batched inputs (tensors, lists) so rows [:B] run plain and rows [B:] guarded."""
     if torch.is_tensor(value) and value.dim() > 0:
         return torch.cat([value, value])
-    if isinstance(value, list):
+    if isinstance(value, list | tuple):
         return value + value
     return value
 
