@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from pickle_attack import Payload
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -417,20 +418,6 @@ def test_import_official_bad_aux(tmp_path, aux, fragment):
         import_official(tmp_path / "sae.pth", tmp_path / "out", aux_file=tmp_path / "aux.pt", k=K)
     assert fragment in str(info.value)
     assert not (tmp_path / "out").exists()
-
-
-def _touch(path: str) -> None:
-    Path(path).write_text("code ran")
-
-
-class Payload:
-    """Unpickling this runs ``_touch``: the classic pickle code-execution attack."""
-
-    def __init__(self, marker: Path):
-        self.marker = marker
-
-    def __reduce__(self):
-        return _touch, (str(self.marker),)
 
 
 def test_import_official_never_unpickles_code(tmp_path):

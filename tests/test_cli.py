@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from pickle_attack import Payload
 from torch import nn
 
 from vlsae_guard import SAEConfig, __version__
@@ -29,20 +30,6 @@ def linears(**shapes: tuple[int, int]) -> dict[str, torch.Tensor]:
         for name, (d_in, d_out) in shapes.items()
         for key, value in nn.Linear(d_in, d_out).state_dict().items()
     }
-
-
-def _touch(path: str) -> None:
-    Path(path).write_text("code ran")
-
-
-class Payload:
-    """Unpickling this would create a file: it must never happen."""
-
-    def __init__(self, marker: Path):
-        self.marker = marker
-
-    def __reduce__(self):
-        return _touch, (str(self.marker),)
 
 
 @pytest.fixture(scope="module")

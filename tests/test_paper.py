@@ -117,25 +117,22 @@ def test_cached_first_token_equals_exact(hf_model_and_processor, sae, inputs):
 
 def test_paper_mode_changes_output_and_removes_cleanly(hf_model_and_processor, sae, inputs):
     model, _ = hf_model_and_processor
-    with torch.no_grad():
-        plain = model.generate(
-            **inputs,
-            max_new_tokens=STEPS,
-            do_sample=False,
-            output_logits=True,
-            return_dict_in_generate=True,
-        )
+
+    def plain_logits():
+        with torch.no_grad():
+            out = model.generate(
+                **inputs,
+                max_new_tokens=STEPS,
+                do_sample=False,
+                output_logits=True,
+                return_dict_in_generate=True,
+            )
+        return torch.stack(out.logits)
+
+    plain = plain_logits()
     ids, scores = paper_generate(model, sae, inputs)
-    assert not torch.equal(torch.stack(scores), torch.stack(plain.logits))
-    with torch.no_grad():
-        again = model.generate(
-            **inputs,
-            max_new_tokens=STEPS,
-            do_sample=False,
-            output_logits=True,
-            return_dict_in_generate=True,
-        )
-    assert torch.equal(torch.stack(again.logits), torch.stack(plain.logits))
+    assert not torch.equal(torch.stack(scores), plain)
+    assert torch.equal(plain_logits(), plain)
 
 
 def test_paper_mode_on_the_original_llava(llava_model_and_tokenizer, tiny_images, sae):

@@ -7,6 +7,7 @@ which ``generate`` calls before any module runs, so that method is where the pro
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 
 import torch
@@ -61,29 +62,17 @@ class OriginalLlava(Backend):
         """Wrap the instance's prepare method (the only place the prompt is visible)."""
 
         def make(original):
-            def prepare(
-                input_ids,
-                position_ids,
-                attention_mask,
-                past_key_values,
-                labels,
-                images,
-                image_sizes=None,
-            ):
-                active = images is not None and input_ids is not None and input_ids.shape[1] > 1
+            signature = inspect.signature(original)
+
+            def prepare(*args, **kwargs):
+                call = signature.bind(*args, **kwargs).arguments
+                ids, mask, images = call["input_ids"], call["attention_mask"], call["images"]
+                active = images is not None and ids is not None and ids.shape[1] > 1
                 if active and before:
-                    before(input_ids, attention_mask, images)
-                outputs = original(
-                    input_ids,
-                    position_ids,
-                    attention_mask,
-                    past_key_values,
-                    labels,
-                    images,
-                    image_sizes,
-                )
+                    before(ids, mask, images)
+                outputs = original(*args, **kwargs)
                 if active and after:
-                    after(input_ids, attention_mask, outputs)
+                    after(ids, mask, outputs)
                 return outputs
 
             return prepare
