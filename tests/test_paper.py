@@ -194,3 +194,12 @@ def test_original_llava_layout_matches_where_features_are_spliced(
     (layout,), (feats,), (lm_in,) = layouts, features, embeds
     for i in range(2):
         assert torch.equal(lm_in[i][layout[i]], feats[i])
+
+
+def test_input_point_shifts_the_layer_input(hf_model_and_processor, sae, inputs):
+    """point="input" shifts what layer L reads, point="output" what it writes: the two
+    hooks are really at different places."""
+    model, _ = hf_model_and_processor
+    _, at_output = paper_generate(model, sae, inputs)
+    _, at_input = paper_generate(model, sae, inputs, point="input")
+    assert not torch.equal(torch.stack(at_input), torch.stack(at_output))
