@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Install (scripts/setup.sh), then run the guard A/B demo on a tiny LLaVA built offline.
+# Install (scripts/setup.sh), then run the POPE A/B demo (guard off vs on) on a tiny LLaVA,
+# VL-SAE, images and questions built offline: the README's main command.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-.venv/bin/vlsae-guard demo --out runs/demo "$@"
+.venv/bin/python benchmarks/pope.py --demo --out runs/demo "$@"

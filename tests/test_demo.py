@@ -1,25 +1,47 @@
-"""The README's demo: runs end to end and its files agree with its printed numbers."""
+"""The README's demo: runs end to end through the real harness and its files agree."""
 
+import importlib.util
 import json
+from pathlib import Path
 
 from vlsae_guard import VLSAE, demo
 from vlsae_guard.cli import main
 from vlsae_guard.scoring import pope
 
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def script_main(argv):
+    spec = importlib.util.spec_from_file_location("bench_pope_demo", ROOT / "benchmarks/pope.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main(argv)
+
 
 def test_demo_writes_consistent_results(tmp_path, capsys):
-    assert main(["demo", "--images", "4", "--batch-size", "3", "--out", str(tmp_path)]) == 0
+    assert script_main(["--demo", "--limit", "9", "--batch-size", "4", "--out", str(tmp_path)]) == 0
     printed = capsys.readouterr().out
-    assert "say nothing about real LLaVA models" in printed
+    assert "say nothing about real LLaVA models" in printed and "McNemar p" in printed
     result = json.loads((tmp_path / "results.json").read_text())
-    rows = [json.loads(line) for line in (tmp_path / "answers.jsonl").read_text().splitlines()]
-    assert len(rows) == result["n"] == 4 * len(demo.SHAPES)
-    labels = [r["label"] for r in rows]
-    for arm, key in (("a", "answer_off"), ("b", "answer_on")):
-        assert result[arm] == pope.metrics([pope.parse_answer(r[key]) for r in rows], labels)
-    assert result["raw_answers_changed"] == sum(r["answer_off"] != r["answer_on"] for r in rows)
-    assert result["raw_answers_changed"] > 0  # the guard reached the model
-    assert result["settings"]["versions"]["torch"]
+    split = result["splits"]["pope_shapes"]
+    questions = pope.load_questions(tmp_path / "inputs" / "pope_shapes.jsonl").questions[:9]
+    for arm in ("off", "on"):
+        path = tmp_path / "answers" / f"guard-{arm}" / "pope_shapes.jsonl"
+        rows = {r["question_id"]: r for r in map(json.loads, path.read_text().splitlines())}
+        preds = [pope.parse_answer(rows[q.question_id]["text"]) for q in questions]
+        metrics = pope.metrics(preds, [q.label for q in questions])
+        assert {k: split[arm][k] for k in metrics} == metrics
+    assert result["settings"]["sae_sha256"] and result["settings"]["backend"] == "hf"
+    assert result["demo"]["sae"]["n_concepts"] == 128
+    assert (tmp_path / "results.png").exists() and (tmp_path / "results.md").exists()
+
+
+def test_cli_demo_is_the_same_run(tmp_path, capsys):
+    assert main(["demo", "--images", "3", "--alpha", "1.0", "--out", str(tmp_path)]) == 0
+    assert "say nothing about real LLaVA models" in capsys.readouterr().out
+    result = json.loads((tmp_path / "results.json").read_text())
+    assert result["settings"]["guard"]["alpha"] == 1.0
+    assert result["splits"]["pope_shapes"]["comparison"]["n"] == 3 * len(demo.SHAPES)
 
 
 def test_scenes_match_their_questions():

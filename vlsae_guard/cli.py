@@ -9,6 +9,7 @@ to stderr and exit with status 2, without a traceback: tracebacks are reserved f
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -28,6 +29,8 @@ from .checkpoint import (
     resolve,
 )
 from .config import SAEConfig, Source
+from .harness.common import BenchmarkError
+from .scoring.files import DataError
 
 PROG = "vlsae-guard"
 EXIT_ERROR = 2
@@ -42,6 +45,8 @@ class UsageError(Exception):
 
 
 _SUBCOMMANDS: dict[str, tuple[str, tuple[Arg, ...], Handler]] = {}
+# Help of command groups ("score pope" registers subcommand pope of group score).
+_GROUPS = {"score": "score answer/caption files that others produced (POPE, CHAIR)"}
 
 
 def arg(*flags: str, **kwargs: Any) -> Arg:
@@ -65,8 +70,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    groups: dict[str, argparse._SubParsersAction] = {}
     for name, (help, args, handler) in _SUBCOMMANDS.items():
-        sub = commands.add_parser(name, help=help, description=handler.__doc__)
+        group, _, name = name.rpartition(" ")  # "score pope": subcommand pope of group score
+        where = commands
+        if group:
+            if group not in groups:
+                parent = commands.add_parser(group, help=_GROUPS[group], description=_GROUPS[group])
+                groups[group] = parent.add_subparsers(dest="subcommand", metavar="BENCHMARK")
+                groups[group].required = True
+            where = groups[group]
+        sub = where.add_parser(name, help=help, description=handler.__doc__)
         for flags, kwargs in args:
             sub.add_argument(*flags, **kwargs)
         sub.set_defaults(handler=handler)
@@ -84,7 +98,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.handler(args)
     except ValidationError as e:
         return _fail(args.command, f"invalid settings\n{describe_validation_error(e)}")
-    except (CheckpointError, UsageError, OSError) as e:
+    except (CheckpointError, UsageError, OSError, DataError, BenchmarkError) as e:
         return _fail(args.command, str(e))
     return 0
 
@@ -223,38 +237,398 @@ def info_command(args: argparse.Namespace) -> None:
 
 @subcommand(
     "demo",
-    "A/B run of the guard on a tiny LLaVA built here (offline, about a minute on a CPU)",
+    "A/B POPE run of the guard on a tiny LLaVA built here (offline, under a minute on a CPU)",
     arg("--images", type=int, default=24, help="generated images (3 questions each)"),
     arg("--seed", type=int, default=0),
     arg("--alpha", type=float, default=0.5),
     arg("--method", choices=["replace", "edit"], default="replace"),
     arg("--batch-size", type=int, default=8),
-    arg("--out", type=Path, default=None, help="write results.json and answers.jsonl here"),
+    arg("--out", type=Path, default=Path("runs/demo"), help="output directory"),
 )
 def demo_command(args: argparse.Namespace) -> None:
-    """Build a tiny LLaVA, a VL-SAE fitted to it and POPE-style questions; answer with the
-    guard off and on; print the POPE metrics of both arms and McNemar's p."""
-    from . import demo
+    """Same as ``python benchmarks/pope.py --demo``: build a tiny LLaVA, a VL-SAE fitted to it,
+    images and POPE questions; run the A/B harness; print both arms, deltas and McNemar's p."""
+    from .harness import pope as harness
 
-    result = demo.run(
-        n_images=args.images,
-        seed=args.seed,
-        alpha=args.alpha,
-        method=args.method,
-        batch_size=args.batch_size,
-        out=args.out,
+    bench = harness.parser().parse_args(
+        ["--demo", "--out", str(args.out), "--seed", str(args.seed)]
+        + ["--batch-size", str(args.batch_size)]
+        + ["--vlsae-alpha", str(args.alpha), "--vlsae-method", args.method]
     )
-    sae = result["settings"]["sae"]
+    print(harness.run_demo(bench, n_images=args.images)[1])
+
+
+# --- score -------------------------------------------------------------------------------------
+
+
+@subcommand(
+    "score pope",
+    "score POPE answers (LLaVA's answer format) against question files",
+    arg(
+        "--questions",
+        nargs="+",
+        required=True,
+        metavar="FILE",
+        help="question files (JSON lines or array), or shipped names such as coco/random, "
+        "coco_llava/adversarial, aokvqa/popular, gqa/random",
+    ),
+    arg(
+        "--answers",
+        nargs="+",
+        required=True,
+        metavar="FILE",
+        help="answers (JSON lines with question_id and text): one file, or one per question file",
+    ),
+    arg("--strict", action="store_true", help="exact yes/no parser instead of LLaVA's"),
+    arg(
+        "--allow-missing",
+        action="store_true",
+        help="score questions without an answer as unanswered (wrong) instead of failing",
+    ),
+    arg(
+        "--ignore-prompts",
+        action="store_true",
+        help="do not check that each answer's recorded prompt contains its question",
+    ),
+    arg("--out", type=Path, metavar="results.json", help="write the metrics as JSON"),
+)
+def score_pope_command(args: argparse.Namespace) -> None:
+    """POPE metrics exactly as LLaVA's eval_pope.py computes them, in percent: accuracy,
+    precision, recall, F1 (positive class yes), yes_ratio; with several question files also the
+    mean F1 over them (LLaVA's reported number)."""
+    from .scoring import pope, report
+
+    result = pope.score_files(
+        args.questions, args.answers, args.strict, args.allow_missing, not args.ignore_prompts
+    )
+    splits = result.get("splits") or {result["questions"][0]["name"]: result}
+    rows = [
+        report.Row(name, m, {"answers": v[m]}, {})
+        for name, v in splits.items()
+        for m in pope.METRICS
+    ]
+    if "mean_f1" in result:
+        rows.append(report.Row("mean over splits", "f1", {"answers": result["mean_f1"]}, {}))
+    print(report.text_table(rows))
+    unanswered = sum(v["unanswered"] for v in splits.values())
+    print(f"\nparser: {result['parser']}" + (f"; {unanswered} unanswered" if unanswered else ""))
+    _write_json(args.out, result)
+
+
+@subcommand(
+    "score chair",
+    "score CHAIR on image descriptions (COCO 2014 images)",
+    arg(
+        "--captions",
+        required=True,
+        type=Path,
+        metavar="FILE",
+        help="JSON lines (or array) with image_id and caption",
+    ),
+    arg(
+        "--coco-annotations",
+        type=Path,
+        metavar="DIR",
+        help="COCO 2014 annotation directory (instances_/captions_val2014.json, train2014 "
+        "too if present) to build the ground truth from (cached); default: the shipped table",
+    ),
+    arg("--image-id-key", default="image_id"),
+    arg("--caption-key", default="caption"),
+    arg(
+        "--details",
+        type=Path,
+        metavar="FILE.jsonl",
+        help="also write every caption's mentions, hallucinations and ground truth",
+    ),
+    arg("--out", type=Path, metavar="results.json", help="write the metrics as JSON"),
+)
+def score_chair_command(args: argparse.Namespace) -> None:
+    """CHAIR as the standard chair.py computes it: CHAIR_s, CHAIR_i, Recall in percent and Len
+    (tokens per caption)."""
+    from .scoring import chair, report
+
+    result, scores = chair.score_file(
+        args.captions, args.coco_annotations, args.image_id_key, args.caption_key
+    )
+    rows = [report.Row("", m, {"captions": result[m]}, {}) for m in chair.METRICS]
+    print(report.text_table(rows))
     print(
-        f"tiny LLaVA + VL-SAE ({sae['n_concepts']} concepts, k={sae['k']}, "
-        f"{sae['shared']} shared; explained variance vision "
-        f"{sae['explained_variance_vision']:.2f}, text {sae['explained_variance_text']:.2f})"
+        f"\n{result['n']} captions of {result['images']} images; ground truth: "
+        f"{result['ground_truth']['kind']} ({result['ground_truth']['path']})"
     )
-    print(f"guard: {args.method}, alpha={args.alpha}\n")
-    print(demo.format_table(result))
-    print("\n" + demo.DISCLAIMER)
-    if args.out is not None:
-        print(f"wrote {args.out / 'results.json'} and {args.out / 'answers.jsonl'}")
+    if args.details:
+        args.details.write_text("".join(json.dumps(s.to_json()) + "\n" for s in scores))
+    _write_json(args.out, result)
+
+
+def _write_json(path: Path | None, result: dict) -> None:
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(result, indent=2) + "\n")
+        print(f"wrote {path}")
+
+
+# --- collect / train ---------------------------------------------------------------------------
+
+
+def settings(
+    model: type[M], file: Path | None, flags: dict[str, Any], replace: Sequence[str] = ()
+) -> M:
+    """``model`` from a YAML/JSON file (optional) overridden by the flags given.
+
+    ``flags`` maps dotted field paths (``data.path``) to ``(flag, value)``; ``None`` values are
+    not given, ``{}`` switches a section on (keeping the file's settings for it). Sections in
+    ``replace`` are dropped from the file first. Errors name the file or the flag, the field,
+    what was expected and what was found.
+    """
+    raw: dict[str, Any] = {}
+    if file is not None:
+        import yaml
+
+        try:
+            raw = yaml.safe_load(file.read_text()) or {}
+        except (OSError, yaml.YAMLError) as e:
+            raise UsageError(f"{file}: not readable as YAML or JSON ({e})") from e
+        if not isinstance(raw, dict):
+            raise UsageError(f"{file}: expected a mapping of settings, found {type(raw).__name__}")
+    for section in replace:
+        raw.pop(section, None)
+    names = {}
+    for path, (flag, value) in flags.items():
+        if value is None:
+            continue
+        *parents, leaf = path.split(".")
+        node = raw
+        for part in parents:
+            if not isinstance(node.get(part), dict):
+                node[part] = {}
+            node = node[part]
+        if value == {}:
+            node.setdefault(leaf, {})
+        else:
+            node[leaf] = value
+        names[path] = f"{flag} (field {path})"
+        # Errors inside a tagged union (data: coco | jsonl | hf) carry the tag in their path.
+        if isinstance(node.get("format"), str):
+            names[".".join([*parents, node["format"], leaf])] = names[path]
+    try:
+        return model.model_validate(raw)
+    except ValidationError as e:
+        where = f"{file}" if file is not None else "flags"
+        raise UsageError(
+            f"invalid settings ({where}; flags override the file)\n"
+            + describe_validation_error(e, names)
+        ) from e
+
+
+def _log_to_stderr() -> None:
+    import logging
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+
+
+_DATA_FLAGS = {
+    "coco": {"annotations": "--coco-annotations", "images": "--coco-images"},
+    "jsonl": {"path": "--jsonl", "image_root": "--image-root"},
+    "hf": {
+        "dataset": "--hf-dataset",
+        "name": "--hf-name",
+        "split": "--hf-split",
+        "image_column": "--image-column",
+        "text_column": "--text-column",
+    },
+}
+
+
+@subcommand(
+    "collect",
+    "collect paired vision/text activations of a LLaVA model into a sharded store",
+    arg("--config", type=Path, metavar="FILE", help="YAML/JSON settings; flags override them"),
+    arg("--model", help="LLaVA checkpoint folder or Hub id (transformers or original llava)"),
+    arg("--out", type=Path, metavar="STORE", help="store folder (a rerun resumes it)"),
+    arg("--coco-annotations", type=Path, metavar="FILE", help="COCO captions_*.json"),
+    arg("--coco-images", type=Path, metavar="DIR", help="its image folder"),
+    arg("--coco-captions", choices=["all", "first"], help="captions per image (default all)"),
+    arg("--jsonl", type=Path, metavar="FILE", help='lines {"image": path, "caption": text}'),
+    arg("--image-root", type=Path, metavar="DIR", help="base of relative JSONL image paths"),
+    arg("--hf-dataset", metavar="NAME", help="Hugging Face dataset (Hub name or saved folder)"),
+    arg("--hf-name", metavar="CONFIG", help="dataset configuration name"),
+    arg("--hf-split", metavar="SPLIT", help="split (default train)"),
+    arg("--image-column", help="image column (default image)"),
+    arg("--text-column", help="caption column (default caption)"),
+    arg("--site", metavar="SITE", help="projector (default) or layer:L"),
+    arg("--pooling", choices=["token", "mean"], help="rows per token (default) or means"),
+    arg("--tokens-per-image", type=int, metavar="K", help="random K image tokens per image"),
+    arg("--batch-size", type=int, help="pairs per forward pass (default 16)"),
+    arg("--pairs-per-shard", type=int, help="pairs per shard file (default by pooling)"),
+    arg("--limit", type=int, metavar="N", help="only the first N pairs"),
+    arg("--dtype", choices=["auto", "float32", "float16", "bfloat16"]),
+    arg("--device", help="auto (default: GPU of this rank if any), cpu, cuda:1, ..."),
+    arg("--seed", type=int),
+    arg("--workers", type=int, help="image-decoding threads (default 4)"),
+    arg("--prompt", help="layer site: template with <image> and {caption}"),
+    arg("--conv-mode", help="original llava: conversation template (default llava_v1)"),
+    arg("--no-progress", dest="progress", action="store_const", const=False),
+)
+def collect_command(args: argparse.Namespace) -> None:
+    """Run image-caption pairs through a LLaVA model up to the site, in batches, stopping there,
+    and write the rows to safetensors shards with a manifest. Killed, it resumes where it was
+    when run again with the same settings. Multi-GPU: torchrun --nproc-per-node N -m
+    vlsae_guard.cli collect ..."""
+    from .collect import CollectConfig, collect
+    from .data import SourceError
+    from .store import StoreError
+
+    flags = _same_name_flags(args, CollectConfig, exclude={"data", "hash_model"})
+    # A source given by flags replaces the file's whole data section (formats differ in fields).
+    given = [fmt for fmt, names in _DATA_FLAGS.items() if _flag_value(args, *names.values())]
+    if len(given) > 1:
+        raise UsageError("give one data source: --coco-annotations, --jsonl or --hf-dataset")
+    for fmt in given:
+        flags["data.format"] = (next(iter(_DATA_FLAGS[fmt].values())), fmt)
+        for field, flag in _DATA_FLAGS[fmt].items():
+            flags[f"data.{field}"] = (flag, _flag_value(args, flag))
+        if fmt == "coco":
+            flags["data.captions"] = ("--coco-captions", args.coco_captions)
+    config = settings(CollectConfig, args.config, flags, replace=["data"] if given else [])
+    _log_to_stderr()
+    try:
+        result = collect(config)
+    except (SourceError, StoreError, ValueError) as e:
+        raise UsageError(str(e)) from e
+    m = result.manifest
+    if m is None:  # ranks other than 0 print nothing
+        return
+    reasons = ", ".join(f"{r} {n}" for r, n in sorted(m.counts.skipped_by_reason.items()))
+    print(
+        f"{'complete' if m.complete else 'INCOMPLETE'}: {m.counts.kept} pairs kept, "
+        f"{m.counts.skipped} skipped{f' ({reasons})' if reasons else ''}; "
+        f"{m.counts.vision_rows} vision rows x {m.dims['vision']}, "
+        f"{m.counts.text_rows} text rows x {m.dims['text']} ({m.dtype}), "
+        f"{len(m.shards)} shards in {config.out}"
+    )
+    print(
+        f"this run: {result.pairs} pairs in {result.seconds:.1f} s "
+        f"({result.pairs_per_second:.1f} pairs/s on rank 0)"
+    )
+
+
+def _same_name_flags(
+    args: argparse.Namespace, model: type[BaseModel], exclude: set[str]
+) -> dict[str, tuple[str, Any]]:
+    """``{field: ("--field-name", value)}`` for the fields whose flag has the field's name."""
+    return {
+        f: (f"--{f.replace('_', '-')}", getattr(args, f))
+        for f in model.model_fields
+        if f not in exclude
+    }
+
+
+def _flag_value(args: argparse.Namespace, flag: str, *_: str) -> Any:
+    """The value of ``--some-flag`` (the first one named)."""
+    return getattr(args, flag[2:].replace("-", "_"))
+
+
+@subcommand(
+    "train",
+    "train a VL-SAE (optionally with the auxiliary alignment AE) on a collected store",
+    arg("--config", type=Path, metavar="FILE", help="YAML/JSON settings; flags override them"),
+    arg("--store", type=Path, metavar="STORE", help="store written by `vlsae-guard collect`"),
+    arg("--out", type=Path, metavar="DIR", help="checkpoint folder (a rerun resumes it)"),
+    arg("--architecture", choices=["vl-sae", "sae-v", "sae-d"]),
+    arg("--n-concepts", type=int, help="concepts (default expansion x d_in)"),
+    arg("--expansion", type=int, help="concepts per input dimension (default 8)"),
+    arg("--k", type=int, help="active concepts per row (default 128)"),
+    arg("--epochs", type=int, help="default 10"),
+    arg("--batch-size", type=int, help="rows per modality per step (default 512)"),
+    arg("--lr", type=float, help="Adam learning rate (default 1e-4)"),
+    arg("--weight-decay", type=float, help="Adam weight decay (default 0)"),
+    arg("--warmup", type=float, help="share of steps with linear warm-up (default 0.2)"),
+    arg("--val-fraction", type=float, help="held-out pairs (default 0.2)"),
+    arg("--patience", type=int, help="epochs without improvement before stopping (10)"),
+    arg("--aux-k", type=int, help="auxiliary-k dead concepts (default 2k; 0: off)"),
+    arg("--dead-after", type=int, help="rows without firing that make a concept dead"),
+    arg("--shared-threshold", type=float, help="min firing share per modality (1e-3)"),
+    arg("--init", choices=["data", "random"]),
+    arg("--window", type=int, help="shards loaded and shuffled together (default 4)"),
+    arg("--align", action="store_const", const=True, help="run stage 1 (alignment AE) first"),
+    arg("--d-proj", type=int, help="stage 1: projection width (default the text width)"),
+    arg("--align-epochs", type=int, help="stage 1 epochs (default 50)"),
+    arg("--align-lr", type=float, help="stage 1 AdamW learning rate (default 5e-5)"),
+    arg("--align-batch-size", type=int, help="stage 1 pairs per step (default 2048)"),
+    arg("--temperature", type=float, help="stage 1 InfoNCE temperature (default 0.07)"),
+    arg("--seed", type=int),
+    arg("--device", help="auto (default), cpu, cuda:0, ..."),
+    arg("--amp", choices=["auto", "off", "bf16", "fp16"], help="mixed precision on CUDA"),
+    arg("--checkpoint-every", type=int, metavar="STEPS", help="resume points within epochs"),
+    arg("--no-progress", dest="progress", action="store_const", const=False),
+)
+def train_command(args: argparse.Namespace) -> None:
+    """Train on a store: stage 1 (optional) aligns the modalities with an auxiliary AE, stage 2
+    trains the SAE with a held-out split, best-validation checkpointing and early stopping; the
+    shared-concept set is computed at the end and stored in the checkpoint's config. Rerun the
+    same command to resume. Multi-GPU: torchrun --nproc-per-node N -m vlsae_guard.cli train ..."""
+    from .store import StoreError
+    from .train import TrainError, train
+    from .train_config import TrainConfig
+
+    flags = _same_name_flags(args, TrainConfig, exclude={"align", "aux_k_coef"})
+    align = {
+        "d_proj": "--d-proj",
+        "epochs": "--align-epochs",
+        "lr": "--align-lr",
+        "batch_size": "--align-batch-size",
+        "temperature": "--temperature",
+    }
+    flags["align"] = ("--align", {} if args.align else None)
+    for field, flag in align.items():
+        flags[f"align.{field}"] = (flag, _flag_value(args, flag))
+    config = settings(TrainConfig, args.config, flags)
+    _log_to_stderr()
+    try:
+        result = train(config)
+    except (StoreError, TrainError) as e:
+        raise UsageError(str(e)) from e
+    if not result.is_main:
+        return
+    stats = result.sae.config.stats
+    print(summary(result.sae.config, result.out))
+    print(
+        f"best epoch   {int(stats['epoch'])}: explained variance vision "
+        f"{stats['explained_variance_vision']:.3f}, text {stats['explained_variance_text']:.3f}; "
+        f"L0 {stats['l0_vision']:.1f}/{stats['l0_text']:.1f}; dead "
+        f"{stats['dead_fraction']:.1%}; cross-modal overlap {stats['cross_modal_overlap']:.3f}"
+    )
+    print(f"shared       {len(result.sae.config.shared_concepts)} concepts")
+
+
+# --- serve -------------------------------------------------------------------------------------
+
+
+@subcommand(
+    "serve",
+    "vLLM's OpenAI-compatible server with the guard, switchable per request",
+    arg("model", metavar="MODEL", help="LLaVA / LLaVA-NeXT checkpoint (llava-hf layout)"),
+    arg("--sae", metavar="DIR", help="VL-SAE checkpoint directory or Hub id (required)"),
+    arg("vllm_args", nargs=argparse.REMAINDER, metavar="...", help="guard flags and vLLM flags"),
+)
+def serve_command(args: argparse.Namespace) -> None:
+    """Start `python -m vllm.entrypoints.openai.api_server` for MODEL with the guard.
+
+    Guard flags (anywhere after MODEL): --sae DIR, --vlsae-method replace|edit, --vlsae-alpha A,
+    --vlsae-steer JSON, --vlsae-default on|off (requests that do not say), --vlsae-dtype
+    float32|model, --vlsae-log FILE, --dry-run (print the command). Every other flag goes to
+    vLLM. Clients switch per request with extra_body={"mm_processor_kwargs": {"vlsae_guard":
+    false}} (the server runs with --trust-request-mm-kwargs).
+    """
+    from .serving.command import serve
+    from .serving.server import ServeError
+    from .serving.settings import PluginConfigError
+
+    try:
+        serve(args.model, args.sae, args.vllm_args)
+    except (ServeError, PluginConfigError) as e:
+        raise UsageError(str(e)) from e
 
 
 if __name__ == "__main__":

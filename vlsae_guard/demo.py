@@ -1,10 +1,11 @@
-"""An A/B run of the guard end to end on a tiny LLaVA this package builds itself (offline).
+"""The demo's inputs, built offline from a seed: a tiny LLaVA, images, questions, a VL-SAE.
 
-Builds a random-weight LLaVA in the llava-hf layout, generated images of coloured shapes with
-POPE-style questions about them, and a small VL-SAE *fitted* to that model: concept directions
-sampled from its own projector outputs and caption-token embeddings, decoders solved by ridge
-least squares, shared concepts = those that fire for both modalities. Then the same questions
-are answered with the guard off and on, and scored like POPE.
+:func:`prepare` writes what a real POPE run reads, in the same formats: a random-weight LLaVA
+in the llava-hf layout, PNG images of coloured shapes, a POPE question file (JSON lines) about
+them, and a small VL-SAE checkpoint *fitted* to that model: concept directions sampled from its
+own projector outputs and caption-token embeddings, decoders solved by ridge least squares,
+shared concepts = those that fire for both modalities. ``benchmarks/pope.py --demo`` then runs
+the ordinary A/B harness on them.
 
 The model has random weights: the numbers show the machinery works, not that the guard helps.
 """
@@ -12,8 +13,6 @@ The model has random weights: the numbers show the machinery works, not that the
 from __future__ import annotations
 
 import json
-import platform
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,9 +24,7 @@ from torch import Tensor
 from . import tiny
 from .backends import detect
 from .config import SAEConfig, Source
-from .guard import guard
 from .sae import VLSAE
-from .scoring import pope
 
 SHAPES = ("circle", "square", "triangle")
 COLOURS = {
@@ -36,10 +33,6 @@ COLOURS = {
     "blue": (40, 80, 220),
     "yellow": (230, 210, 40),
 }
-DISCLAIMER = (
-    "NOTE: a tiny random-weight model; these numbers say nothing about real LLaVA models or "
-    "about whether the guard reduces hallucination. They show the A/B pipeline runs end to end."
-)
 
 
 @dataclass
@@ -139,98 +132,41 @@ def fit_sae(model, processor, scenes: list[Scene], n_concepts: int, k: int, seed
     return sae.with_config(shared_concepts=shared, stats=stats)
 
 
-@torch.no_grad()
-def answer(model, processor, scenes, items, batch_size: int, max_new_tokens: int = 3):
-    """Greedy answers, batched with left padding."""
-    processor.tokenizer.padding_side = "left"
-    out = []
-    for start in range(0, len(items), batch_size):
-        batch = items[start : start + batch_size]
-        prompts = [f"USER: <image>\n{pope.build_prompt(q['text'])} ASSISTANT:" for q in batch]
-        inputs = processor(
-            images=[scenes[q["image"]].image for q in batch],
-            text=prompts,
-            return_tensors="pt",
-            padding=True,
-        )
-        ids = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
-        texts = processor.tokenizer.batch_decode(
-            ids[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True
-        )
-        out.extend(t.strip() for t in texts)
-    return out
+@dataclass(frozen=True)
+class DemoFiles:
+    model: Path
+    sae: Path
+    images: Path
+    questions: Path
+    sae_summary: dict
 
 
-def run(
-    n_images: int = 24,
-    seed: int = 0,
-    alpha: float = 0.5,
-    method: str = "replace",
-    batch_size: int = 8,
-    out: Path | None = None,
-) -> dict:
-    """Build everything, answer with the guard off (A) and on (B), score, and report."""
-    import transformers
+def prepare(directory: str | Path, n_images: int = 24, seed: int = 0) -> DemoFiles:
+    """Write the tiny model, the fitted VL-SAE, the images and the questions (deterministic)."""
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-    torch.manual_seed(seed)
-    with tempfile.TemporaryDirectory() as tmp:
-        directory = tiny.build_hf_llava(Path(tmp) / "model", seed=seed)
-        model = LlavaForConditionalGeneration.from_pretrained(directory).eval()
-        processor = AutoProcessor.from_pretrained(directory)
+    directory = Path(directory)
+    model_dir = tiny.build_hf_llava(directory / "model", seed=seed)
+    model = LlavaForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32).eval()
+    processor = AutoProcessor.from_pretrained(model_dir)
     scenes = make_scenes(n_images, seed)
-    items = questions(scenes)
-    sae = fit_sae(model, processor, scenes, n_concepts=128, k=8, seed=seed)
-    with guard(model, sae, alpha=alpha, method=method) as handle:
-        with handle.disabled():
-            text_a = answer(model, processor, scenes, items, batch_size)
-        text_b = answer(model, processor, scenes, items, batch_size)
-    labels = [q["label"] for q in items]
-    result = pope.compare(
-        [pope.parse_answer(t) for t in text_a], [pope.parse_answer(t) for t in text_b], labels
-    )
-    result["raw_answers_changed"] = sum(a != b for a, b in zip(text_a, text_b, strict=True))
-    result["settings"] = {
-        "backend": "hf",
-        "model": "tiny random LLaVA (vlsae_guard.tiny, hub layout)",
-        "seed": seed,
-        "images": n_images,
-        "questions": len(items),
-        "guard": handle.config.model_dump(),
-        "sae": {
-            "n_concepts": 128,
-            "k": 8,
-            "shared": len(sae.config.shared_concepts),
-            **sae.config.stats,
-        },
-        "prompt": pope.PROMPTS["llava"],
-        "parser": "llava/pope (first sentence, negation words)",
-        "decoding": "greedy, max_new_tokens=3",
-        "batch_size": batch_size,
-        "versions": {
-            "torch": torch.__version__,
-            "transformers": transformers.__version__,
-            "python": platform.python_version(),
-        },
+    images = directory / "images"
+    images.mkdir(parents=True, exist_ok=True)
+    names = [f"scene_{i:03d}.png" for i in range(len(scenes))]
+    for scene, name in zip(scenes, names, strict=True):
+        scene.image.save(images / name)
+    with torch.random.fork_rng(devices=[]):
+        sae = fit_sae(model, processor, scenes, n_concepts=128, k=8, seed=seed)
+    sae_dir = directory / "sae"
+    sae.save_pretrained(sae_dir)
+    questions_file = directory / "pope_shapes.jsonl"
+    with open(questions_file, "w") as f:
+        for q in questions(scenes):
+            f.write(json.dumps({**q, "image": names[q["image"]]}) + "\n")
+    summary = {
+        "n_concepts": sae.config.n_concepts,
+        "k": sae.config.k,
+        "shared": len(sae.config.shared_concepts or []),
+        **sae.config.stats,
     }
-    if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
-        with open(out / "answers.jsonl", "w") as f:
-            for q, a, b in zip(items, text_a, text_b, strict=True):
-                f.write(json.dumps({**q, "answer_off": a, "answer_on": b}) + "\n")
-    return result
-
-
-def format_table(result: dict) -> str:
-    rows = [f"{'metric':<10} {'guard off':>10} {'guard on':>10} {'delta':>8}"]
-    for key in ("accuracy", "precision", "recall", "f1", "yes_ratio"):
-        rows.append(
-            f"{key:<10} {result['a'][key]:>10.1f} {result['b'][key]:>10.1f} "
-            f"{result['delta'][key]:>+8.1f}"
-        )
-    rows.append(
-        f"{result['n']} questions, {result['flips']} answers changed, exact McNemar "
-        f"p = {result['mcnemar_p']:.3g}"
-    )
-    return "\n".join(rows)
+    return DemoFiles(model_dir, sae_dir, images, questions_file, summary)

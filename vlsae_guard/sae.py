@@ -16,6 +16,7 @@ Conventions
 
 from __future__ import annotations
 
+import itertools
 from typing import NamedTuple
 
 import torch
@@ -37,6 +38,19 @@ class Codes(NamedTuple):
         shape = (*self.values.shape[:-1], self.n_concepts)
         out = self.values.new_zeros(shape)
         return out.scatter_(-1, self.indices, self.values)
+
+
+class TrainOutput(NamedTuple):
+    """One modality's training forward: reconstruction, codes, and the auxiliary-k term.
+
+    ``aux_recon`` decodes the top ``k_aux`` *dead* concepts without the bias; the caller fits it
+    to the residual ``x - recon`` so that gradient reaches concepts TopK never selects
+    (Gao et al., 2024, "Scaling and evaluating sparse autoencoders").
+    """
+
+    recon: Tensor
+    codes: Codes
+    aux_recon: Tensor | None
 
 
 class Decoder(nn.Module):
@@ -120,13 +134,44 @@ class SparseAutoencoder(nn.Module):
     def forward(self, x: Tensor, modality: Modality = "vision") -> Tensor:
         return self.decode(self.encode_topk(x, modality), modality)
 
+    def forward_train(
+        self,
+        x: Tensor,
+        modality: Modality = "vision",
+        dead: Tensor | None = None,
+        k_aux: int = 0,
+    ) -> TrainOutput:
+        """Encode and decode with gradients; one score matmul serves TopK and auxiliary-k.
+
+        ``dead`` is a bool mask over concepts; with ``k_aux > 0`` the top ``k_aux`` dead
+        concepts of each row are decoded (no bias) into ``aux_recon``.
+        """
+        _check_modality(modality)
+        decoder = self.decoder_for(modality)
+        scores = self._scores(x.to(self.dtype), modality)
+        top, idx = scores.topk(self.k, dim=-1, sorted=False)
+        codes = Codes(self._train_activation(top), idx, self.n_concepts)
+        aux_recon = None
+        n_dead = 0 if dead is None else int(dead.sum())
+        if k_aux > 0 and n_dead > 0:
+            masked = scores.masked_fill(~dead.to(scores.device), float("-inf"))
+            top_a, idx_a = masked.topk(min(k_aux, n_dead), dim=-1, sorted=False)
+            dead_codes = Codes(self._train_activation(top_a), idx_a, self.n_concepts)
+            aux_recon = decoder.sparse(dead_codes, bias=False)
+        return TrainOutput(decoder.sparse(codes), codes, aux_recon)
+
+    def _train_activation(self, top_scores: Tensor) -> Tensor:
+        """:meth:`_activation` with finite gradients everywhere (for training)."""
+        return self._activation(top_scores)
+
+    # Buffers count too: the vLLM plugin freezes the SAE's tensors into non-persistent buffers.
     @property
     def dtype(self) -> torch.dtype:
-        return next(self.parameters()).dtype
+        return next(itertools.chain(self.parameters(), self.buffers())).dtype
 
     @property
     def device(self) -> torch.device:
-        return next(self.parameters()).device
+        return next(itertools.chain(self.parameters(), self.buffers())).device
 
     # Persistence lives in checkpoint.py; these are the public entry points.
     @classmethod
@@ -185,6 +230,11 @@ class VLSAE(SparseAutoencoder):
     def _activation(self, top_scores: Tensor) -> Tensor:
         # Rounding can push |cos| slightly past 1; clamping keeps activations inside [0, 2].
         return 2 - torch.sqrt((2 - 2 * top_scores).clamp(0, 4))
+
+    def _train_activation(self, top_scores: Tensor) -> Tensor:
+        # d/dc sqrt(2 - 2c) is infinite at c = 1 (an input along a concept direction, e.g.
+        # right after initialising the encoder from data): floor the root's argument at 1e-6.
+        return 2 - torch.sqrt((2 - 2 * top_scores).clamp(1e-6, 4))
 
     def decoder_for(self, modality: Modality) -> Decoder:
         return self.vision_decoder if modality == "vision" else self.text_decoder

@@ -1,0 +1,34 @@
+"""CHAIR with and without the VL-SAE guard: captions per arm, metrics, intervals, plot.
+
+    python benchmarks/chair.py --model llava-hf/llava-1.5-7b-hf --sae DIR --ab \\
+        --images val2014/ --out runs/chair-7b            # 500 images, max_new_tokens 512
+
+Captions are appended to ``OUT/answers/guard-{off,on}/chair500.jsonl`` as they are produced
+(rerun to resume); ``OUT/results.json``, ``results.md``, ``results.png`` hold CHAIR_s, CHAIR_i,
+Recall and Len of both arms and the differences with paired bootstrap 95% intervals;
+``OUT/chair_details_guard-*.jsonl`` the mentions and hallucinations of every caption. Scoring
+lives in ``vlsae_guard.scoring.chair``.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from vlsae_guard.harness import chair as harness
+from vlsae_guard.harness import common
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = harness.parser().parse_args(argv)
+
+    def body() -> int:
+        results = harness.run(args)
+        print(harness.finish(results, args.out))
+        print(f"\n{harness.NOTES}\nwrote {args.out}/results.json, results.md, results.png")
+        return 0
+
+    return common.run_main("benchmarks/chair.py", body)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

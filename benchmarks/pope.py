@@ -1,0 +1,38 @@
+"""POPE with and without the VL-SAE guard: answers per arm, metrics, significance, plot.
+
+    python benchmarks/pope.py --demo                      # offline, tiny model, ~1 min on a CPU
+    python benchmarks/pope.py --model llava-hf/llava-1.5-7b-hf --sae DIR --ab \\
+        --dataset coco_llava --images val2014/ --out runs/pope-7b
+
+Answers are appended to ``OUT/answers/guard-{off,on}/SPLIT.jsonl`` as they are produced (rerun
+the same command to resume a killed run); ``OUT/results.json``, ``results.md`` and
+``results.png`` hold the metrics of both arms, the differences with paired bootstrap 95%
+intervals and McNemar's exact p per split. Scoring lives in ``vlsae_guard.scoring.pope``.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from vlsae_guard.harness import common
+from vlsae_guard.harness import pope as harness
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = harness.parser().parse_args(argv)
+
+    def body() -> int:
+        if args.demo:
+            _, text = harness.run_demo(args)
+            print(text)
+            return 0
+        results = harness.run(args)
+        print(harness.finish(results, args.out, "POPE: guard off vs on"))
+        print(f"\n{harness.NOTES}\nwrote {args.out}/results.json, results.md, results.png")
+        return 0
+
+    return common.run_main("benchmarks/pope.py", body)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

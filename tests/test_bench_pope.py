@@ -1,0 +1,239 @@
+"""benchmarks/pope.py on the tiny models: batching, resume, outputs, errors (hf and llava)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from vlsae_guard import VLSAE, SAEConfig, provenance
+from vlsae_guard.harness import common, generation
+from vlsae_guard.harness import pope as harness
+from vlsae_guard.scoring import pope
+from vlsae_guard.scoring.files import DataError
+
+ROOT = Path(__file__).resolve().parents[1]
+SHAPES = ["dog", "circle", "square"]
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory, tiny_images):
+    """Four images, eight POPE questions about them, and a VL-SAE for the tiny models."""
+    root = tmp_path_factory.mktemp("pope-inputs")
+    (root / "images").mkdir()
+    for i, image in enumerate(tiny_images):
+        image.save(root / "images" / f"img{i}.png")
+    with open(root / "questions.jsonl", "w") as f:
+        for n in range(8):
+            label = "yes" if n % 2 else "no"
+            q = {"question_id": n + 1, "image": f"img{n % 4}.png", "label": label}
+            q["text"] = f"Is there a {SHAPES[n % 3]} in the image?"
+            f.write(json.dumps(q) + "\n")
+    torch.manual_seed(0)
+    config = SAEConfig(d_in=64, n_concepts=256, k=16, shared_concepts=list(range(0, 256, 3)))
+    VLSAE(config).eval().save_pretrained(root / "sae")
+    return root
+
+
+def run(inputs, model, out, *extra, backend="hf"):
+    argv = [
+        "--model", str(model), "--backend", backend, "--images", str(inputs / "images"),
+        "--questions", str(inputs / "questions.jsonl"), "--out", str(out),
+        "--max-new-tokens", "4", "--dtype", "float32", "--device", "cpu", "--bootstrap", "200",
+        *extra,
+    ]  # fmt: skip
+    return harness.run(harness.parser().parse_args(argv), progress=False)
+
+
+def answers(out, arm):
+    path = out / "answers" / f"guard-{arm}" / "questions.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def texts(out, arm):
+    return {r["question_id"]: r["text"] for r in answers(out, arm)}
+
+
+GUARD = ["--sae", None, "--ab", "--vlsae-alpha", "1.0"]
+
+
+def guarded(inputs):
+    return [str(inputs / "sae") if a is None else a for a in GUARD]
+
+
+@pytest.mark.parametrize("backend", ["hf", pytest.param("llava", marks=pytest.mark.llava)])
+def test_batches_give_the_answers_of_batch_size_one(backend, inputs, tmp_path, request):
+    if backend == "llava":
+        pytest.importorskip("llava")
+        model = request.getfixturevalue("tiny_llava_dir")
+    else:
+        model = request.getfixturevalue("tiny_hf_dir")
+    one = run(
+        inputs, model, tmp_path / "one", *guarded(inputs), "--batch-size", "1", backend=backend
+    )
+    many = run(
+        inputs, model, tmp_path / "many", *guarded(inputs), "--batch-size", "3", backend=backend
+    )
+    for arm in ("off", "on"):
+        assert texts(tmp_path / "one", arm) == texts(tmp_path / "many", arm)
+        assert len(texts(tmp_path / "one", arm)) == 8
+    assert texts(tmp_path / "one", "off") != texts(tmp_path / "one", "on")  # the guard acted
+    assert one["splits"]["questions"]["off"] == many["splits"]["questions"]["off"]
+
+
+def test_results_record_provenance_and_match_the_answers(inputs, tiny_hf_dir, tmp_path):
+    out = tmp_path / "run"
+    results = run(inputs, tiny_hf_dir, out, *guarded(inputs), "--batch-size", "4", "--seed", "3")
+    table = harness.finish(results, out, "test")
+    saved = json.loads((out / "results.json").read_text())
+    settings = saved["settings"]
+    assert settings["model_sha256"] == provenance.sha256_dir(tiny_hf_dir)
+    assert settings["sae_sha256"] == provenance.sha256_dir(inputs / "sae")
+    assert settings["guard"]["alpha"] == 1.0 and settings["guard"]["method"] == "replace"
+    assert settings["questions"][0]["sha256"] == provenance.sha256_file(inputs / "questions.jsonl")
+    assert settings["prompt"]["template"] == pope.PROMPTS["llava"]
+    assert settings["parser"] == pope.PARSERS[False]
+    assert (
+        settings["decoding"]["strategy"] == "greedy" and settings["decoding"]["max_new_tokens"] == 4
+    )
+    assert (settings["seed"], settings["batch_size"], settings["backend"]) == (3, 4, "hf")
+    assert settings["environment"]["packages"]["torch"] == torch.__version__
+    qs = pope.load_questions(inputs / "questions.jsonl")
+    for arm in ("off", "on"):
+        by_id = texts(out, arm)
+        expected = pope.score(qs, [by_id[q.question_id] for q in qs.questions])
+        assert saved["splits"]["questions"][arm] == pytest.approx(expected)
+    comparison = saved["splits"]["questions"]["comparison"]
+    assert 0 <= comparison["mcnemar_p"] <= 1
+    assert comparison["delta"]["f1"] == pytest.approx(
+        saved["splits"]["questions"]["on"]["f1"] - saved["splits"]["questions"]["off"]["f1"]
+    )
+    assert "McNemar p" in table and (out / "results.md").read_text().count("|") > 20
+    assert (out / "results.png").read_bytes()[:4] == b"\x89PNG"
+    with Image.open(out / "results.png") as im:
+        im.verify()
+    first = answers(out, "on")[0]
+    assert first["prompt"] == pope.build_prompt("Is there a dog in the image?")
+
+
+def test_a_killed_run_resumes_with_only_the_missing_answers(
+    inputs, tiny_hf_dir, tmp_path, monkeypatch
+):
+    out = tmp_path / "run"
+    run(inputs, tiny_hf_dir, out, *guarded(inputs), "--batch-size", "2")
+    full = {arm: texts(out, arm) for arm in ("off", "on")}
+    path = out / "answers" / "guard-on" / "questions.jsonl"
+    lines = path.read_text().splitlines(keepends=True)
+    path.write_text("".join(lines[:3]) + lines[3][:15])  # killed while writing the 4th answer
+
+    asked = []
+    original = generation.HFGenerator.generate
+
+    def counting(self, images, prompts, decoding, runner=None):
+        asked.extend(prompts)
+        return original(self, images, prompts, decoding, runner)
+
+    monkeypatch.setattr(generation.HFGenerator, "generate", counting)
+    run(inputs, tiny_hf_dir, out, *guarded(inputs), "--batch-size", "2")
+    assert len(asked) == 5  # questions 4..8 of the guarded arm, nothing of the other
+    ids = [r["question_id"] for r in answers(out, "on")]
+    assert sorted(ids) == list(range(1, 9)) and len(ids) == len(set(ids))
+    assert {arm: texts(out, arm) for arm in ("off", "on")} == full
+
+    asked.clear()  # complete: nothing is generated, not even the model is loaded
+    monkeypatch.setattr(generation, "load", lambda *a, **k: pytest.fail("model loaded"))
+    assert run(inputs, tiny_hf_dir, out, *guarded(inputs))["splits"]["questions"]["on"]["n"] == 8
+
+
+def test_missing_images_are_listed_before_any_generation(
+    inputs, tiny_hf_dir, tmp_path, monkeypatch
+):
+    images = tmp_path / "images"
+    images.mkdir()
+    (images / "img1.png").write_bytes((inputs / "images" / "img1.png").read_bytes())
+    monkeypatch.setattr(generation, "load", lambda *a, **k: pytest.fail("model loaded"))
+    with pytest.raises(DataError, match=r"3 of 4 images are missing") as error:
+        run(inputs, tiny_hf_dir, tmp_path / "out", "--images", str(images))
+    for name in ("img0.png", "img2.png", "img3.png"):
+        assert name in str(error.value)
+    listing = (tmp_path / "out" / "missing_images.txt").read_text().split()
+    assert [Path(p).name for p in listing] == ["img0.png", "img2.png", "img3.png"]
+
+
+def load_script(name):
+    spec = importlib.util.spec_from_file_location(
+        f"bench_{name}", ROOT / "benchmarks" / f"{name}.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--ab"], "--ab needs --sae"),
+        (["--backend", "vllm"], "not available yet: needs the vLLM integration (issue 6)"),
+        (["--backend", "openai"], "not available yet: needs the vLLM integration (issue 6)"),
+        ([], "--images DIR is required"),
+    ],
+)
+def test_script_errors_are_one_line_exit_2(argv, message, inputs, tiny_hf_dir, tmp_path, capsys):
+    script = load_script("pope")
+    base = ["--model", str(tiny_hf_dir), "--questions", str(inputs / "questions.jsonl")]
+    assert script.main([*base, "--out", str(tmp_path), *argv]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_single_arm_runs_and_one_split_per_file(inputs, tiny_hf_dir, tmp_path):
+    results = run(inputs, tiny_hf_dir, tmp_path, "--limit", "3", "--prompt", "vcd")
+    assert results["arms"] == ["off"] and "comparison" not in results["splits"]["questions"]
+    assert results["splits"]["questions"]["off"]["n"] == 3
+    assert answers(tmp_path, "off")[0]["prompt"].endswith(
+        "Please answer this question with one word."
+    )
+    assert common.arms(harness.parser().parse_args(["--sae", "x"])) == ("on",)
+
+
+def test_paper_mode_runs_through_the_handles_generate(inputs, tiny_hf_dir, tmp_path):
+    paper = ["--sae", str(inputs / "sae"), "--ab", "--vlsae-mode", "paper", "--vlsae-layer", "1"]
+    results = run(inputs, tiny_hf_dir, tmp_path / "paper", *paper, "--batch-size", "4")
+    run(inputs, tiny_hf_dir, tmp_path / "plain", "--batch-size", "4")
+    assert results["settings"]["guard"]["mode"] == "paper"
+    assert texts(tmp_path / "paper", "off") == texts(tmp_path / "plain", "off")
+    assert texts(tmp_path / "paper", "on") != texts(tmp_path / "paper", "off")
+
+
+def test_paired_outcomes_are_written_per_question(inputs, tiny_hf_dir, tmp_path):
+    results = run(inputs, tiny_hf_dir, tmp_path, *guarded(inputs), "--batch-size", "4")
+    rows = [
+        json.loads(x) for x in (tmp_path / "paired" / "questions.jsonl").read_text().splitlines()
+    ]
+    assert [r["question_id"] for r in rows] == list(range(1, 9))
+    discordant = results["splits"]["questions"]["comparison"]["discordant"]
+    assert discordant["a_wrong_b_right"] == sum(
+        r["correct_on"] and not r["correct_off"] for r in rows
+    )
+    assert discordant["a_right_b_wrong"] == sum(
+        r["correct_off"] and not r["correct_on"] for r in rows
+    )
+    assert all(r["off"] == texts(tmp_path, "off")[r["question_id"]] for r in rows)
+
+
+@pytest.mark.llava
+def test_hf_prompt_is_llavas_eval_conversation():
+    pytest.importorskip("llava", reason="original LLaVA not installed")
+    from vlsae_guard.backends._llava_compat import ensure_llava_importable
+
+    ensure_llava_importable()
+    from llava.conversation import conv_templates
+
+    conv = conv_templates["vicuna_v1"].copy()
+    conv.append_message(conv.roles[0], "<image>\n" + pope.build_prompt("Is there a dog?"))
+    conv.append_message(conv.roles[1], None)
+    assert generation.llava_conversation(pope.build_prompt("Is there a dog?")) == conv.get_prompt()

@@ -1,0 +1,377 @@
+"""What the POPE and CHAIR runners share: flags, provenance, resumable batched A/B generation.
+
+Order of a run: resolve and hash the model and SAE, open (and resume) the answer files, check
+that every image still needed exists (one error listing the missing ones, before any model is
+loaded), then load the model once, attach the guard, and answer batch by batch: first the arm
+with the guard off, then on. Answers are on disk before the next batch starts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import random
+import re
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+from .. import provenance
+from ..flags import add_guard_flags, settings_from_args
+from ..intervention import GuardConfig
+from ..scoring import report
+from ..scoring.files import DataError
+from ..scoring.stats import DEFAULT_BOOTSTRAP
+from . import generation
+from .answers import AnswerLog
+
+ARMS = ("off", "on")
+DEMO_NOTE = (
+    "NOTE: a tiny random-weight model built here; these numbers say nothing about real LLaVA "
+    "models or about whether the guard reduces hallucination. They show that the A/B pipeline "
+    "runs end to end."
+)
+
+
+class BenchmarkError(RuntimeError):
+    """The run cannot start as asked (arguments that do not fit together)."""
+
+
+def add_common_args(parser: argparse.ArgumentParser, max_new_tokens: int) -> None:
+    """Model, arms, data, batching, decoding and output flags; the guard flags as everywhere."""
+    g = parser.add_argument_group("model")
+    g.add_argument("--model", help="model directory or Hub id (e.g. llava-hf/llava-1.5-7b-hf)")
+    g.add_argument("--backend", choices=generation.BACKENDS, default="hf")
+    g.add_argument(
+        "--dtype",
+        choices=["auto", "float16", "bfloat16", "float32"],
+        default="auto",
+        help="auto: float16 on a GPU, float32 on a CPU",
+    )
+    g.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    g.add_argument(
+        "--prompt-format",
+        choices=generation.PROMPT_FORMATS,
+        default="llava",
+        help="llava: LLaVA-1.5's vicuna_v1 eval conversation (default); "
+        "chat-template: the processor's chat template (hf only)",
+    )
+    g = parser.add_argument_group("A/B")
+    g.add_argument(
+        "--sae",
+        dest="vlsae_guard",
+        metavar="DIR",
+        help="VL-SAE checkpoint (directory or Hub id); same as --vlsae-guard",
+    )
+    g.add_argument(
+        "--ab",
+        action="store_true",
+        help="run both arms (guard off, then on); without it one arm runs: on when "
+        "--sae is given, else off",
+    )
+    g = parser.add_argument_group("run")
+    g.add_argument("--images", type=Path, help="image directory (COCO val2014 for COCO/CHAIR)")
+    g.add_argument("--limit", type=int, default=None, help="first N items per split (smoke runs)")
+    g.add_argument("--batch-size", type=int, default=8)
+    g.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
+    g.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
+    g.add_argument("--top-p", type=float, default=None)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument(
+        "--bootstrap",
+        type=int,
+        default=DEFAULT_BOOTSTRAP,
+        help="paired bootstrap replicates for the 95%% intervals",
+    )
+    g.add_argument("--out", type=Path, default=None, help="output directory")
+    add_guard_flags(parser)
+
+
+def arms(args: argparse.Namespace) -> tuple[str, ...]:
+    if args.ab and not args.vlsae_guard:
+        raise BenchmarkError("--ab needs --sae DIR (the guard arm)")
+    if args.ab:
+        return ARMS
+    return ("on",) if args.vlsae_guard else ("off",)
+
+
+def check_args(args: argparse.Namespace) -> None:
+    if args.model is None:
+        raise BenchmarkError("--model is required (or --demo)")
+    if args.out is None:
+        raise BenchmarkError("--out DIR is required")
+    if args.batch_size < 1:
+        raise BenchmarkError("--batch-size must be >= 1")
+    if args.limit is not None and args.limit < 1:
+        raise BenchmarkError("--limit must be >= 1")
+    if args.backend in ("vllm", "openai"):
+        raise generation.BackendUnavailable(f"--backend {args.backend} is {generation.NOT_YET}")
+    if args.backend == "llava" and args.prompt_format != "llava":
+        raise BenchmarkError(
+            "--backend llava builds LLaVA's own conversation (--prompt-format llava)"
+        )
+
+
+def resolve_model(model: str) -> Path:
+    """A local directory for ``model``: itself, or the Hub snapshot (downloaded if needed)."""
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return path.resolve()
+    if re.fullmatch(r"[\w.-]+/[\w.-]+", model) is None:
+        raise DataError(f"--model {model}: no such directory, and not a Hub id (owner/name)")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(model, local_files_only=True))
+    except Exception:  # not cached yet: download, as from_pretrained would
+        pass
+    try:
+        return Path(snapshot_download(model))
+    except Exception as e:  # offline, unknown repo, gated model, ...
+        raise DataError(
+            f"--model {model}: no such directory, and not available from the Hub ({e})"
+        ) from e
+
+
+@dataclass(frozen=True)
+class Item:
+    """One generation: the answer file key, the image, the user prompt, fields to record."""
+
+    key: str
+    image: Path
+    prompt: str
+    record: dict
+
+
+@dataclass
+class Job:
+    """The items of one split for one arm, and the file their answers go to."""
+
+    arm: str
+    split: str
+    items: list[Item]
+    log: AnswerLog
+
+    def pending(self) -> list[Item]:
+        return [it for it in self.items if not self.log.done(it.key)]
+
+
+@dataclass(frozen=True)
+class Setup:
+    """What was resolved before generation: recorded in every results file."""
+
+    model_dir: Path
+    model_sha256: str
+    sae_dir: Path | None
+    sae_sha256: str | None
+    config: GuardConfig | None
+    decoding: generation.Decoding
+
+    @property
+    def guard(self) -> dict | None:
+        return None if self.config is None else self.config.model_dump(mode="json")
+
+    def answer_settings(self, args: argparse.Namespace, arm: str, extra: dict) -> dict:
+        """What an arm's answers depend on (the answer files' sidecar)."""
+        base = {
+            "backend": args.backend,
+            "model": args.model,
+            "model_sha256": self.model_sha256,
+            "dtype": args.dtype,
+            "device": (args.device or ("cuda" if torch.cuda.is_available() else "cpu")).split(":")[
+                0
+            ],
+            "prompt_format": args.prompt_format,
+            "decoding": self.decoding.describe(),
+            "seed": args.seed,
+            **extra,
+        }
+        if arm == "on":
+            base.update(sae_sha256=self.sae_sha256, guard=self.guard)
+        return base
+
+
+def setup(args: argparse.Namespace) -> Setup:
+    config = settings_from_args(args)
+    model_dir = resolve_model(args.model)
+    sae_dir = sae_sha = None
+    if args.vlsae_guard:
+        from ..checkpoint import resolve
+
+        sae_dir = resolve(args.vlsae_guard)
+        sae_sha = provenance.sha256_dir(sae_dir)
+    return Setup(
+        model_dir=model_dir,
+        model_sha256=provenance.sha256_dir(model_dir),
+        sae_dir=sae_dir,
+        sae_sha256=sae_sha,
+        config=config,
+        decoding=generation.Decoding(args.max_new_tokens, args.temperature, args.top_p),
+    )
+
+
+def check_images(jobs: Sequence[Job], out: Path) -> None:
+    """One error listing every image still needed that is missing (full list in a file)."""
+    needed = {it.image for job in jobs for it in job.pending()}
+    missing = sorted(str(p) for p in needed if not p.is_file())
+    if not missing:
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    listing = out / "missing_images.txt"
+    listing.write_text("\n".join(missing) + "\n")
+    shown = "\n  ".join(missing[:20])
+    more = f"\n  ... and {len(missing) - 20} more" if len(missing) > 20 else ""
+    raise DataError(
+        f"{len(missing)} of {len(needed)} images are missing (full list: {listing}):\n  "
+        f"{shown}{more}"
+    )
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def generate(
+    args: argparse.Namespace,
+    setup_: Setup,
+    jobs: Sequence[Job],
+    output_field: str,
+    progress: bool = True,
+) -> None:
+    """Answer every pending item of every job, arm by arm, appending as batches finish."""
+    todo = [job for job in jobs if job.pending()]
+    if not todo:
+        return
+    generator = generation.load(
+        args.backend, str(setup_.model_dir), args.dtype, args.device, args.prompt_format
+    )
+    handle = None
+    if any(job.arm == "on" for job in todo):
+        from ..guard import guard
+
+        handle = guard(generator.model, setup_.sae_dir, config=setup_.config)
+    try:
+        for arm in ARMS:
+            for job in (j for j in todo if j.arm == arm):
+                switch = handle.disabled() if (handle is not None and arm == "off") else None
+                with switch or contextlib.nullcontext():
+                    runner = handle.generate if handle is not None else None
+                    _answer(generator, runner, job, args, setup_, output_field, progress)
+    finally:
+        if handle is not None:
+            handle.remove()
+
+
+def _answer(generator, runner, job: Job, args, setup_: Setup, field: str, progress: bool):
+    pending = job.pending()
+    seed_everything(args.seed)
+    bar = tqdm(
+        total=len(pending),
+        desc=f"{job.split} [guard {job.arm}]",
+        unit="item",
+        disable=not progress,
+        file=sys.stderr,
+    )
+    with bar:
+        for start in range(0, len(pending), args.batch_size):
+            batch = pending[start : start + args.batch_size]
+            images = [_open(it.image) for it in batch]
+            texts = generator.generate(images, [it.prompt for it in batch], setup_.decoding, runner)
+            job.log.append(
+                {**it.record, "prompt": it.prompt, field: text, "arm": job.arm}
+                for it, text in zip(batch, texts, strict=True)
+            )
+            bar.update(len(batch))
+
+
+def _open(path: Path) -> Image.Image:
+    with Image.open(path) as im:
+        return im.convert("RGB")
+
+
+def settings_record(args: argparse.Namespace, setup_: Setup, extra: dict) -> dict:
+    """The ``settings`` block of results.json."""
+    return {
+        "command": [Path(sys.argv[0]).name, *sys.argv[1:]],
+        "backend": args.backend,
+        "model": args.model,
+        "model_dir": str(setup_.model_dir),
+        "model_sha256": setup_.model_sha256,
+        "dtype": args.dtype,
+        "device": args.device or ("cuda" if torch.cuda.is_available() else "cpu"),
+        "prompt_format": args.prompt_format,
+        "sae": args.vlsae_guard,
+        "sae_sha256": setup_.sae_sha256,
+        "guard": setup_.guard,
+        "decoding": setup_.decoding.describe(),
+        "seed": args.seed,
+        "batch_size": args.batch_size,
+        "limit": args.limit,
+        **extra,
+        "environment": provenance.environment(),
+    }
+
+
+def write_outputs(
+    out: Path, results: dict, rows: Sequence[report.Row], title: str, notes: Sequence[str] = ()
+) -> str:
+    """results.json, results.md and results.png; returns the terminal table."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(results, indent=2, default=_jsonable) + "\n")
+    md = [f"# {title}", "", report.markdown_table(rows), ""]
+    md += [f"{n}\n" for n in notes]
+    (out / "results.md").write_text("\n".join(md))
+    report.plot(rows, out / "results.png", title)
+    return report.text_table(rows)
+
+
+def _jsonable(x):
+    if isinstance(x, (np.floating, np.integer)):
+        return x.item()
+    if isinstance(x, (set, frozenset, tuple)):
+        return list(x)
+    if isinstance(x, os.PathLike):
+        return str(x)
+    raise TypeError(f"not JSON serializable: {type(x).__name__}")
+
+
+def answers_dir(out: Path, arm: str) -> Path:
+    return out / "answers" / f"guard-{arm}"
+
+
+def safe_name(split: str) -> str:
+    return re.sub(r"[^\w.-]+", "_", split)
+
+
+def fail(prog: str, error: Exception) -> int:
+    print(f"{prog}: error: {error}", file=sys.stderr)
+    return 2
+
+
+EXPECTED_ERRORS: tuple[type[Exception], ...] = (
+    DataError,
+    BenchmarkError,
+    generation.BackendUnavailable,
+    OSError,
+)
+
+
+def run_main(prog: str, body: Callable[[], int]) -> int:
+    """Run a benchmark body; expected failures print one line and exit 2 (no traceback)."""
+    from ..checkpoint import CheckpointError
+    from ..guard import GuardError
+
+    try:
+        return body()
+    except (*EXPECTED_ERRORS, CheckpointError, GuardError) as e:
+        return fail(prog, e)

@@ -1,0 +1,266 @@
+"""The POPE A/B run behind ``benchmarks/pope.py`` (and its ``--demo``)."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+from ..scoring import pope, report
+from ..scoring.files import DataError
+from . import common
+from .common import Item, Job
+
+
+def add_args(parser: argparse.ArgumentParser) -> None:
+    common.add_common_args(parser, max_new_tokens=128)  # llava/eval/model_vqa_loader's default
+    g = parser.add_argument_group("POPE")
+    g.add_argument(
+        "--dataset",
+        choices=list(pope.DATASETS),
+        default="coco",
+        help="coco: current files; coco_llava: the older files LLaVA-1.5's numbers "
+        "used; aokvqa; gqa",
+    )
+    g.add_argument("--split", choices=[*pope.SPLITS, "all"], default="all")
+    g.add_argument(
+        "--questions",
+        nargs="+",
+        metavar="FILE",
+        help="question files (JSON lines or array) instead of --dataset/--split",
+    )
+    g.add_argument(
+        "--prompt",
+        choices=list(pope.PROMPTS),
+        default="llava",
+        help="llava: '{question}\\nAnswer the question using a single word or "
+        "phrase.'; vcd: '{question} Please answer this question with one word.'",
+    )
+    g.add_argument(
+        "--strict",
+        action="store_true",
+        help="strict exact yes/no parser instead of LLaVA's (see docs)",
+    )
+    g.add_argument(
+        "--demo",
+        action="store_true",
+        help="build a tiny LLaVA, a VL-SAE, images and questions here and run the A/B "
+        "end to end (offline, CPU, about a minute)",
+    )
+
+
+def question_sets(args: argparse.Namespace) -> list[pope.QuestionSet]:
+    specs = args.questions or [
+        f"{args.dataset}/{s}" for s in (pope.SPLITS if args.split == "all" else [args.split])
+    ]
+    sets = [pope.load_questions(spec) for spec in specs]
+    if args.limit:
+        sets = [dataclasses.replace(qs, questions=qs.questions[: args.limit]) for qs in sets]
+    names = [qs.name for qs in sets]
+    if len(set(names)) != len(names):
+        raise DataError(f"question files must have distinct names, got {names}")
+    return sets
+
+
+def run(args: argparse.Namespace, progress: bool = True) -> dict:
+    """Generate what is missing, score both arms, write results; returns the results dict."""
+    common.check_args(args)
+    arms = common.arms(args)
+    sets = question_sets(args)
+    setup = common.setup(args)
+    template = pope.PROMPTS[args.prompt]
+    jobs = []
+    for arm in arms:
+        for qs in sets:
+            settings = setup.answer_settings(
+                args, arm, {"prompt": template, "questions_sha256": qs.sha256}
+            )
+            log_path = common.answers_dir(args.out, arm) / f"{common.safe_name(qs.name)}.jsonl"
+            log = common.AnswerLog(log_path, "question_id", settings)
+            items = [
+                Item(
+                    key=str(q.question_id),
+                    image=(args.images or Path()) / q.image,
+                    prompt=pope.build_prompt(q.text, args.prompt),
+                    record={"question_id": q.question_id, "image": q.image},
+                )
+                for q in qs.questions
+            ]
+            jobs.append(Job(arm, qs.name, items, log))
+    if any(job.pending() for job in jobs) and args.images is None:
+        raise common.BenchmarkError("--images DIR is required (the question files' images)")
+    common.check_images(jobs, args.out)
+    started = time.perf_counter()
+    common.generate(args, setup, jobs, "text", progress)
+    return score(args, setup, sets, jobs, arms, time.perf_counter() - started)
+
+
+def score(args, setup, sets, jobs, arms, seconds: float) -> dict:
+    texts = {
+        (job.arm, job.split): [job.log.records[it.key]["text"] for it in job.items] for job in jobs
+    }
+    splits: dict[str, dict] = {}
+    for qs in sets:
+        splits[qs.name] = {"questions": qs.describe()}
+        for arm in arms:
+            splits[qs.name][arm] = pope.score(qs, texts[arm, qs.name], args.strict)
+    results: dict = {"benchmark": "pope", "arms": list(arms)}
+    mean = {"splits": [qs.name for qs in sets]}
+    mean.update({arm: pope.mean_f1({n: s[arm] for n, s in splits.items()}) for arm in arms})
+    if len(arms) == 2:
+        preds = {
+            arm: {
+                qs.name: [pope.parse_answer(t, args.strict) for t in texts[arm, qs.name]]
+                for qs in sets
+            }
+            for arm in arms
+        }
+        labels = {qs.name: [q.label for q in qs.questions] for qs in sets}
+        both = pope.compare_splits(labels, preds["off"], preds["on"], args.bootstrap, args.seed)
+        for qs in sets:  # the per-question paired outcomes McNemar's test is computed on
+            rows = zip(qs.questions, texts["off", qs.name], texts["on", qs.name], strict=True)
+            paired = args.out / "paired" / f"{common.safe_name(qs.name)}.jsonl"
+            paired.parent.mkdir(parents=True, exist_ok=True)
+            with open(paired, "w") as f:
+                for q, off, on in rows:
+                    pred_off, pred_on = (pope.parse_answer(t, args.strict) for t in (off, on))
+                    record = {"question_id": q.question_id, "image": q.image, "label": q.label}
+                    record.update(off=off, on=on, pred_off=pred_off, pred_on=pred_on)
+                    record.update(correct_off=pred_off == q.label, correct_on=pred_on == q.label)
+                    f.write(json.dumps(record) + "\n")
+        for name, comparison in both["splits"].items():
+            splits[name]["comparison"] = comparison
+        mean["comparison"] = both["mean_f1"]
+    results["splits"] = splits
+    results["mean_f1"] = mean
+    results["settings"] = common.settings_record(
+        args,
+        setup,
+        {
+            "prompt": {"style": args.prompt, "template": pope.PROMPTS[args.prompt]},
+            "parser": pope.PARSERS[args.strict],
+            "questions": [qs.describe() for qs in sets],
+            "bootstrap": {"replicates": args.bootstrap, "seed": args.seed, "level": 0.95},
+            "generation_seconds": round(seconds, 1),
+        },
+    )
+    return results
+
+
+def rows(results: dict) -> list[report.Row]:
+    arms = results["arms"]
+    out = []
+    for name, split in results["splits"].items():
+        comparison = split.get("comparison")
+        p = comparison["mcnemar_p"] if comparison else None
+        out += report.rows_from_comparison(
+            name, {a: split[a] for a in arms}, comparison, pope.METRICS, p
+        )
+    mean = results["mean_f1"]
+    if len(mean["splits"]) > 1:
+        comparison = mean.get("comparison")
+        out += report.rows_from_comparison(
+            "mean over splits",
+            {a: {"f1": mean[a]} for a in arms},
+            _as_metric(comparison, "f1") if comparison else None,
+            ["f1"],
+        )
+    return out
+
+
+def _as_metric(comparison: dict, metric: str) -> dict:
+    """The mean-F1 comparison in the shape :func:`report.rows_from_comparison` reads."""
+    return {k: {metric: comparison[k]} for k in ("delta", "ci_a", "ci_b", "ci_delta")}
+
+
+NOTES = (
+    "Metrics in percent, positive class 'yes'. delta = guard on - guard off with a paired "
+    "bootstrap 95% interval (questions resampled); McNemar p: exact two-sided test on the "
+    "per-question correctness, per split. The mean over splits is the F1 LLaVA reports."
+)
+
+
+def finish(results: dict, out: Path, title: str, extra_notes=()) -> str:
+    notes = [NOTES, *extra_notes]
+    table = common.write_outputs(out, results, rows(results), title, notes)
+    return table
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="benchmarks/pope.py",
+        description="POPE on a LLaVA model with and without the VL-SAE guard (A/B).",
+    )
+    add_args(p)
+    return p
+
+
+GUARD_FLAGS = ("mode", "method", "alpha", "text_grounded", "layer", "steer")
+
+
+def run_demo(
+    args: argparse.Namespace, n_images: int = 24, progress: bool = True
+) -> tuple[dict, str]:
+    """Build the demo's inputs under ``args.out`` and run the ordinary A/B on them.
+
+    Of ``args`` (this parser's), the demo uses ``out``, ``seed``, ``batch_size``, ``limit``,
+    ``bootstrap`` and the guard settings; model, data and decoding are the demo's own.
+    """
+    from .. import demo
+
+    out = args.out or Path("runs/demo")
+    files = demo.prepare(out / "inputs", n_images=n_images, seed=args.seed)
+    argv = [
+        "--model",
+        str(files.model),
+        "--backend",
+        "hf",
+        "--sae",
+        str(files.sae),
+        "--ab",
+        "--images",
+        str(files.images),
+        "--questions",
+        str(files.questions),
+        "--out",
+        str(out),
+        "--batch-size",
+        str(args.batch_size),
+        "--seed",
+        str(args.seed),
+        "--max-new-tokens",
+        "8",
+        "--dtype",
+        "float32",
+        "--device",
+        "cpu",
+        "--bootstrap",
+        str(args.bootstrap),
+    ]
+    if args.limit:
+        argv += ["--limit", str(args.limit)]
+    demo_args = parser().parse_args(argv)
+    for name in GUARD_FLAGS:  # the guard settings given on the command line, if any
+        setattr(demo_args, f"vlsae_{name}", getattr(args, f"vlsae_{name}", None))
+    started = time.perf_counter()
+    results = run(demo_args, progress)
+    results["demo"] = {"sae": files.sae_summary, "seconds": round(time.perf_counter() - started, 1)}
+    sae = files.sae_summary
+    asked = question_sets(demo_args)[0].questions
+    header = (
+        f"vlsae-guard POPE demo: tiny random-weight LLaVA (hf backend), {len(asked)} POPE-style "
+        f"questions about {len({q.image for q in asked})} generated images\n"
+        f"VL-SAE fitted to it: {sae['n_concepts']} concepts, "
+        f"k={sae['k']}, {sae['shared']} shared; explained variance vision "
+        f"{sae['explained_variance_vision']:.2f}, text {sae['explained_variance_text']:.2f}\n"
+        f"guard: {results['settings']['guard']['method']}, "
+        f"alpha={results['settings']['guard']['alpha']}"
+    )
+    table = finish(results, out, "POPE demo (tiny random model)", [common.DEMO_NOTE])
+    text = (
+        f"{header}\n\n{table}\n\n{NOTES}\n\n{common.DEMO_NOTE}\n\n"
+        f"wrote {out / 'results.json'}, results.md, results.png and answers/ in {out}"
+    )
+    return results, text
