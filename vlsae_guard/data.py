@@ -22,6 +22,8 @@ from typing import Annotated, Any, Literal
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, DirectoryPath, Field, FilePath
 
+from .scoring.files import DataError, read_records
+
 
 class SourceError(ValueError):
     """An annotation file or dataset that cannot be read as image-caption pairs."""
@@ -249,18 +251,12 @@ def jsonl_pairs(path: str | os.PathLike, image_root: str | os.PathLike | None = 
     """Pairs from ``{"image", "caption"[, "id"]}`` lines; ids default to ``line:<n>``."""
     file = Path(path)
     root = Path(image_root) if image_root is not None else file.parent
-    pairs = []
     try:
-        lines = file.read_text().splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise SourceError(f"{file}: not readable ({e})") from e
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise SourceError(f"{file}:{n}: not valid JSON ({e.msg})") from e
+        records = list(read_records(file))
+    except (OSError, DataError) as e:
+        raise SourceError(f"{file}: not readable as JSON lines ({e})") from e
+    pairs = []
+    for n, obj in records:
         _require(obj, {"image": str, "caption": str}, file, f"line {n}")
         pair_id = str(obj.get("id", f"line:{n}"))
         pairs.append(Pair(pair_id, str(root / obj["image"]), obj["caption"].strip()))
