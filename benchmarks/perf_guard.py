@@ -15,6 +15,7 @@ import argparse
 import tempfile
 
 import torch
+from _models import llava_shaped_sizes
 from _timing import median_times
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 
@@ -58,14 +59,7 @@ def projected_7b_ratio(new_tokens: int) -> float:
 def main() -> None:
     args = parse_args()
     torch.set_num_threads(args.threads)
-    sizes = dict(
-        image_size=args.image_size,
-        patch_size=args.patch_size,
-        text_hidden=args.text_hidden,
-        text_intermediate=4 * args.text_hidden,
-        text_layers=args.text_layers,
-        text_heads=args.text_hidden // 32,
-    )
+    sizes = llava_shaped_sizes(args)
     with tempfile.TemporaryDirectory() as tmp:
         directory = tiny.build_hf_llava(tmp, seed=args.seed, **sizes)
         model = LlavaForConditionalGeneration.from_pretrained(directory).eval()

@@ -29,6 +29,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
+from _models import llava_shaped_sizes
 
 from vlsae_guard import VLSAE, SAEConfig, tiny
 from vlsae_guard.serving.client import chat_messages, openai_client, request_kwargs
@@ -71,14 +72,7 @@ def parse_args() -> tuple[argparse.Namespace, list[str]]:
 
 def build(args: argparse.Namespace, directory: Path) -> tuple[str, str]:
     """A LLaVA-shaped checkpoint and an SAE for it (random weights), as in perf_guard.py."""
-    sizes = dict(
-        image_size=args.image_size,
-        patch_size=args.patch_size,
-        text_hidden=args.text_hidden,
-        text_intermediate=4 * args.text_hidden,
-        text_layers=args.text_layers,
-        text_heads=args.text_hidden // 32,
-    )
+    sizes = llava_shaped_sizes(args)
     model = tiny.build_hf_llava(directory / "model", seed=args.seed, **sizes)
     torch.manual_seed(args.seed)
     config = SAEConfig(
