@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from _pope import answers, run, texts, write_inputs
 from PIL import Image
 
 from vlsae_guard import VLSAE, SAEConfig, provenance
@@ -17,45 +18,16 @@ from vlsae_guard.scoring import pope
 from vlsae_guard.scoring.files import DataError
 
 ROOT = Path(__file__).resolve().parents[1]
-SHAPES = ["dog", "circle", "square"]
 
 
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory, tiny_images):
     """Four images, eight POPE questions about them, and a VL-SAE for the tiny models."""
-    root = tmp_path_factory.mktemp("pope-inputs")
-    (root / "images").mkdir()
-    for i, image in enumerate(tiny_images):
-        image.save(root / "images" / f"img{i}.png")
-    with open(root / "questions.jsonl", "w") as f:
-        for n in range(8):
-            label = "yes" if n % 2 else "no"
-            q = {"question_id": n + 1, "image": f"img{n % 4}.png", "label": label}
-            q["text"] = f"Is there a {SHAPES[n % 3]} in the image?"
-            f.write(json.dumps(q) + "\n")
+    root = write_inputs(tmp_path_factory.mktemp("pope-inputs"), tiny_images)
     torch.manual_seed(0)
     config = SAEConfig(d_in=64, n_concepts=256, k=16, shared_concepts=list(range(0, 256, 3)))
     VLSAE(config).eval().save_pretrained(root / "sae")
     return root
-
-
-def run(inputs, model, out, *extra, backend="hf"):
-    argv = [
-        "--model", str(model), "--backend", backend, "--images", str(inputs / "images"),
-        "--questions", str(inputs / "questions.jsonl"), "--out", str(out),
-        "--max-new-tokens", "4", "--dtype", "float32", "--device", "cpu", "--bootstrap", "200",
-        *extra,
-    ]  # fmt: skip
-    return harness.run(harness.parser().parse_args(argv), progress=False)
-
-
-def answers(out, arm):
-    path = out / "answers" / f"guard-{arm}" / "questions.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines()]
-
-
-def texts(out, arm):
-    return {r["question_id"]: r["text"] for r in answers(out, arm)}
 
 
 GUARD = ["--sae", None, "--ab", "--vlsae-alpha", "1.0"]
@@ -177,8 +149,25 @@ def load_script(name):
     "argv, message",
     [
         (["--ab"], "--ab needs --sae"),
-        (["--backend", "vllm"], "not available yet: needs the vLLM integration (issue 6)"),
-        (["--backend", "openai"], "not available yet: needs the vLLM integration (issue 6)"),
+        (["--backend", "openai"], "--base-url URL goes with --backend openai"),
+        (["--base-url", "http://x/v1"], "--base-url URL goes with --backend openai"),
+        (["--engine-args", '{"max_model_len": 64}'], "--engine-args goes with --backend vllm"),
+        (["--backend", "vllm", "--engine-args", "[1]"], "expected a JSON object, found [1]"),
+        (["--backend", "vllm", "--engine-args", '{"seed": 1}'], "seed are set by this runner"),
+        (["--backend", "vllm", "--device", "cpu"], "--device does not apply to --backend vllm"),
+        (
+            ["--backend", "vllm", "--sae", "x", "--vlsae-mode", "paper", "--vlsae-layer", "1"],
+            "--backend vllm runs the projector guard",
+        ),
+        (
+            ["--backend", "vllm", "--sae", "x", "--vlsae-text-grounded"],
+            "--backend vllm runs the projector guard",
+        ),
+        (
+            ["--backend", "openai", "--base-url", "http://x/v1", "--prompt-format", "llava"],
+            "the server applies its chat template",
+        ),
+        (["--backend", "llava", "--prompt-format", "chat-template"], "LLaVA's own conversation"),
         ([], "--images DIR is required"),
     ],
 )
@@ -237,3 +226,17 @@ def test_hf_prompt_is_llavas_eval_conversation():
     conv.append_message(conv.roles[0], "<image>\n" + pope.build_prompt("Is there a dog?"))
     conv.append_message(conv.roles[1], None)
     assert generation.llava_conversation(pope.build_prompt("Is there a dog?")) == conv.get_prompt()
+
+
+def test_openai_backend_without_a_server_is_one_clear_error(inputs, tmp_path, capsys):
+    script = load_script("pope")
+    argv = ["--backend", "openai", "--base-url", "http://127.0.0.1:9/v1", "--out", str(tmp_path)]
+    argv += ["--questions", str(inputs / "questions.jsonl"), "--images", str(inputs / "images")]
+    assert script.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    # With the openai package (the vLLM environment): the server is missing; without: the package.
+    assert "http://127.0.0.1:9/v1: no OpenAI-compatible server" in err or (
+        "--backend openai needs the openai package" in err
+    )
+    assert not (tmp_path / "answers").exists()  # nothing written

@@ -17,6 +17,7 @@ pytestmark = pytest.mark.vllm
 pytest.importorskip("vllm")
 openai = pytest.importorskip("openai")
 
+from _pope import run, texts, write_inputs  # noqa: E402
 from _vllm import (  # noqa: E402
     ALPHA,
     QUESTION,
@@ -41,10 +42,14 @@ BOS = {"add_special_tokens": True}
 
 
 @pytest.fixture(scope="module")
-def served(tiny_hf_dir, tmp_path_factory):
+def sae_dir(tmp_path_factory):
+    return save_sae(tmp_path_factory.mktemp("vllm-server-sae"))
+
+
+@pytest.fixture(scope="module")
+def served(tiny_hf_dir, sae_dir, tmp_path_factory):
     """(server, HF references by image set, guard log, log lines present at start-up)."""
     work = tmp_path_factory.mktemp("vllm-server")
-    sae_dir = save_sae(work / "sae")
     log = work / "guard.jsonl"
     refs = {
         name: hf_reference(tiny_hf_dir, images, QUESTION, sae_dir)
@@ -139,3 +144,26 @@ def test_a_switch_that_is_not_a_bool_is_a_client_error(served):
             max_tokens=STEPS,
             extra_body={"mm_processor_kwargs": {REQUEST_KEY: "yes"}},
         )
+
+
+def test_pope_runner_against_the_server_answers_as_the_hf_backend(
+    served, sae_dir, tiny_hf_dir, tiny_images, tmp_path
+):
+    """``benchmarks/pope.py --backend openai``: both arms from one server, per request."""
+    server, _, _, _ = served
+    inputs = write_inputs(tmp_path / "inputs", tiny_images, n_questions=12)
+    both = ["--ab", "--max-new-tokens", str(STEPS)]
+    guard = ["--sae", str(sae_dir), "--vlsae-alpha", str(ALPHA)]
+    chat = ["--prompt-format", "chat-template"]
+    run(inputs, tiny_hf_dir, tmp_path / "hf", *both, *guard, *chat, "--batch-size", "1")
+    out = tmp_path / "openai"
+    url = ["--base-url", server.base_url, "--batch-size", "6"]
+    results = run(inputs, tiny_hf_dir, out, *both, *url, backend="openai", device=None)
+
+    reference = {arm: texts(tmp_path / "hf", arm) for arm in ("off", "on")}
+    assert reference["off"] != reference["on"]
+    assert {arm: texts(out, arm) for arm in ("off", "on")} == reference
+    settings = results["settings"]
+    assert settings["served_model"] == str(tiny_hf_dir) and settings["model_sha256"]
+    assert settings["extra_body"] == {"add_special_tokens": True}  # the template has no BOS
+    assert settings["guard_configured_by"] == "the server" and settings["sae_sha256"] is None

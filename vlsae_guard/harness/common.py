@@ -2,14 +2,13 @@
 
 Order of a run: resolve and hash the model and SAE, open (and resume) the answer files, check
 that every image still needed exists (one error listing the missing ones, before any model is
-loaded), then load the model once, attach the guard, and answer batch by batch: first the arm
-with the guard off, then on. Answers are on disk before the next batch starts.
+loaded), then load the model once, ready for both arms, and answer batch by batch: first the
+arm with the guard off, then on. Answers are on disk before the next batch starts.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import random
@@ -48,8 +47,26 @@ class BenchmarkError(RuntimeError):
 def add_common_args(parser: argparse.ArgumentParser, max_new_tokens: int) -> None:
     """Model, arms, data, batching, decoding and output flags; the guard flags as everywhere."""
     g = parser.add_argument_group("model")
-    g.add_argument("--model", help="model directory or Hub id (e.g. llava-hf/llava-1.5-7b-hf)")
-    g.add_argument("--backend", choices=generation.BACKENDS, default="hf")
+    g.add_argument(
+        "--model",
+        help="model directory or Hub id (e.g. llava-hf/llava-1.5-7b-hf); for --backend openai "
+        "the served model name (default: the server's only model; hashed when it is a directory)",
+    )
+    g.add_argument(
+        "--backend",
+        choices=generation.BACKENDS,
+        default="hf",
+        help="hf: transformers; llava: the original llava package; vllm: an offline vLLM engine "
+        "serving both arms; openai: a running `vlsae-guard serve` at --base-url",
+    )
+    g.add_argument("--base-url", help="--backend openai: the server, e.g. http://host:8000/v1")
+    g.add_argument(
+        "--engine-args",
+        type=json.loads,
+        default={},
+        metavar="JSON",
+        help="--backend vllm: vllm.LLM keyword arguments, e.g. '{\"max_model_len\": 4096}'",
+    )
     g.add_argument(
         "--dtype",
         choices=["auto", "float16", "bfloat16", "float32"],
@@ -60,9 +77,10 @@ def add_common_args(parser: argparse.ArgumentParser, max_new_tokens: int) -> Non
     g.add_argument(
         "--prompt-format",
         choices=generation.PROMPT_FORMATS,
-        default="llava",
-        help="llava: LLaVA-1.5's vicuna_v1 eval conversation (default); "
-        "chat-template: the processor's chat template (hf only)",
+        default=None,
+        help="llava: LLaVA-1.5's vicuna_v1 eval conversation (default; not --backend openai); "
+        "chat-template: the processor's chat template (hf, vllm; the only one for openai, "
+        "where the server applies it)",
     )
     g = parser.add_argument_group("A/B")
     g.add_argument(
@@ -96,7 +114,7 @@ def add_common_args(parser: argparse.ArgumentParser, max_new_tokens: int) -> Non
 
 
 def arms(args: argparse.Namespace) -> tuple[str, ...]:
-    if args.ab and not args.vlsae_guard:
+    if args.ab and not args.vlsae_guard and getattr(args, "backend", "hf") != "openai":
         raise BenchmarkError("--ab needs --sae DIR (the guard arm)")
     if args.ab:
         return ARMS
@@ -104,7 +122,9 @@ def arms(args: argparse.Namespace) -> tuple[str, ...]:
 
 
 def check_args(args: argparse.Namespace) -> None:
-    if args.model is None:
+    """Refuse flag combinations that cannot run; fills in the backend's prompt format."""
+    openai = args.backend == "openai"
+    if args.model is None and not openai:
         raise BenchmarkError("--model is required (or --demo)")
     if args.out is None:
         raise BenchmarkError("--out DIR is required")
@@ -112,12 +132,39 @@ def check_args(args: argparse.Namespace) -> None:
         raise BenchmarkError("--batch-size must be >= 1")
     if args.limit is not None and args.limit < 1:
         raise BenchmarkError("--limit must be >= 1")
-    if args.backend in ("vllm", "openai"):
-        raise generation.BackendUnavailable(f"--backend {args.backend} is {generation.NOT_YET}")
+    if openai != (args.base_url is not None):
+        raise BenchmarkError("--base-url URL goes with --backend openai (and only with it)")
+    if args.engine_args and args.backend != "vllm":
+        raise BenchmarkError("--engine-args goes with --backend vllm")
+    if not isinstance(args.engine_args, dict):
+        raise BenchmarkError(f"--engine-args: expected a JSON object, found {args.engine_args!r}")
+    owned = sorted(set(args.engine_args) & {"model", "dtype", "seed", "hf_overrides"})
+    if owned:
+        raise BenchmarkError(
+            f"--engine-args: {', '.join(owned)} are set by this runner (--model, --dtype, --seed; "
+            "the guarded architecture), not through --engine-args"
+        )
+    if args.backend in generation.SERVED and args.device is not None:
+        raise BenchmarkError(f"--device does not apply to --backend {args.backend}: vLLM picks it")
+    if args.prompt_format is None:
+        args.prompt_format = "chat-template" if openai else "llava"
     if args.backend == "llava" and args.prompt_format != "llava":
         raise BenchmarkError(
             "--backend llava builds LLaVA's own conversation (--prompt-format llava)"
         )
+    if openai and args.prompt_format != "chat-template":
+        raise BenchmarkError(
+            "--backend openai: the server applies its chat template (--prompt-format "
+            "chat-template); for LLaVA's eval conversation use --backend vllm or hf"
+        )
+    if args.backend in generation.SERVED:
+        config = settings_from_args(args)
+        if config is not None and (config.mode == "paper" or config.text_grounded):
+            raise BenchmarkError(
+                f"--backend {args.backend} runs the projector guard without text_grounded "
+                "(vLLM caches projector outputs per image); use --backend hf for paper mode "
+                "or --vlsae-text-grounded"
+            )
 
 
 def resolve_model(model: str) -> Path:
@@ -168,12 +215,13 @@ class Job:
 class Setup:
     """What was resolved before generation: recorded in every results file."""
 
-    model_dir: Path
-    model_sha256: str
+    model_dir: Path | None  # None: a model behind --base-url that is no directory here
+    model_sha256: str | None
     sae_dir: Path | None
     sae_sha256: str | None
     config: GuardConfig | None
     decoding: generation.Decoding
+    options: dict  # the backend's own settings (engine arguments, server, request fields)
 
     @property
     def guard(self) -> dict | None:
@@ -192,6 +240,7 @@ class Setup:
             "prompt_format": args.prompt_format,
             "decoding": self.decoding.describe(),
             "seed": args.seed,
+            **backend_record(args.backend, self.options),
             **extra,
         }
         if arm == "on":
@@ -199,9 +248,36 @@ class Setup:
         return base
 
 
+def backend_record(backend: str, options: dict) -> dict:
+    """What of the backend's options decides answers (a server's address does not)."""
+    if backend == "vllm":
+        return {"engine_args": options["engine_args"]}
+    if backend == "openai":  # the server's SAE and guard settings are its own (serve flags)
+        return {
+            "served_model": options["served_model"],
+            "extra_body": options["extra_body"],
+            "guard_configured_by": "the server",
+        }
+    return {}
+
+
 def setup(args: argparse.Namespace) -> Setup:
     config = settings_from_args(args)
-    model_dir = resolve_model(args.model)
+    options: dict = {}
+    if args.backend == "openai":
+        local = args.model is not None and Path(args.model).expanduser().is_dir()
+        model_dir = Path(args.model).expanduser().resolve() if local else None
+        options = {
+            "base_url": args.base_url,
+            "served_model": generation.served_model(args.base_url, args.model),
+            "concurrency": args.batch_size,
+            # Without the weights here we cannot see the template; the server's default stays.
+            "extra_body": generation.openai_extra_body(model_dir) if local else {},
+        }
+    else:
+        model_dir = resolve_model(args.model)
+        if args.backend == "vllm":
+            options = {"engine_args": args.engine_args}
     sae_dir = sae_sha = None
     if args.vlsae_guard:
         from ..checkpoint import resolve
@@ -210,11 +286,12 @@ def setup(args: argparse.Namespace) -> Setup:
         sae_sha = provenance.sha256_dir(sae_dir)
     return Setup(
         model_dir=model_dir,
-        model_sha256=provenance.sha256_dir(model_dir),
+        model_sha256=None if model_dir is None else provenance.sha256_dir(model_dir),
         sae_dir=sae_dir,
         sae_sha256=sae_sha,
         config=config,
         decoding=generation.Decoding(args.max_new_tokens, args.temperature, args.top_p),
+        options=options,
     )
 
 
@@ -252,27 +329,28 @@ def generate(
     todo = [job for job in jobs if job.pending()]
     if not todo:
         return
+    guarded = any(job.arm == "on" for job in todo) and args.backend != "openai"
+    model = args.model if setup_.model_dir is None else str(setup_.model_dir)
     generator = generation.load(
-        args.backend, str(setup_.model_dir), args.dtype, args.device, args.prompt_format
+        args.backend,
+        model,
+        args.dtype,
+        args.device,
+        args.prompt_format,
+        sae=setup_.sae_dir if guarded else None,
+        config=setup_.config,
+        seed=args.seed,
+        options=setup_.options,
     )
-    handle = None
-    if any(job.arm == "on" for job in todo):
-        from ..guard import guard
-
-        handle = guard(generator.model, setup_.sae_dir, config=setup_.config)
     try:
         for arm in ARMS:
             for job in (j for j in todo if j.arm == arm):
-                switch = handle.disabled() if (handle is not None and arm == "off") else None
-                with switch or contextlib.nullcontext():
-                    runner = handle.generate if handle is not None else None
-                    _answer(generator, runner, job, args, setup_, output_field, progress)
+                _answer(generator, job, args, setup_, output_field, progress)
     finally:
-        if handle is not None:
-            handle.remove()
+        generator.close()
 
 
-def _answer(generator, runner, job: Job, args, setup_: Setup, field: str, progress: bool):
+def _answer(generator, job: Job, args, setup_: Setup, field: str, progress: bool):
     pending = job.pending()
     seed_everything(args.seed)
     bar = tqdm(
@@ -286,7 +364,7 @@ def _answer(generator, runner, job: Job, args, setup_: Setup, field: str, progre
         for start in range(0, len(pending), args.batch_size):
             batch = pending[start : start + args.batch_size]
             images = [_open(it.image) for it in batch]
-            texts = generator.generate(images, [it.prompt for it in batch], setup_.decoding, runner)
+            texts = generator.answer(images, [it.prompt for it in batch], setup_.decoding, job.arm)
             job.log.append(
                 {**it.record, "prompt": it.prompt, field: text, "arm": job.arm}
                 for it, text in zip(batch, texts, strict=True)
@@ -310,6 +388,7 @@ def settings_record(args: argparse.Namespace, setup_: Setup, extra: dict) -> dic
         "dtype": args.dtype,
         "device": args.device or ("cuda" if torch.cuda.is_available() else "cpu"),
         "prompt_format": args.prompt_format,
+        **backend_record(args.backend, setup_.options),
         "sae": args.vlsae_guard,
         "sae_sha256": setup_.sae_sha256,
         "guard": setup_.guard,
@@ -362,6 +441,7 @@ EXPECTED_ERRORS: tuple[type[Exception], ...] = (
     DataError,
     BenchmarkError,
     generation.BackendUnavailable,
+    generation.GenerationError,
     OSError,
 )
 

