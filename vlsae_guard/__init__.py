@@ -2,6 +2,7 @@
 
 from .backends import UnsupportedModelError
 from .checkpoint import CheckpointError, import_official
+from .concepts.monosemanticity import monosemanticity_score
 from .config import AuxConfig, SAEConfig, Source
 from .guard import GuardError, GuardHandle, guard
 from .intervention import GuardConfig
@@ -25,5 +26,6 @@ __all__ = [
     "build",
     "guard",
     "import_official",
+    "monosemanticity_score",
 ]
 __version__ = "0.1.0"

@@ -11,11 +11,21 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal, TypeVar, get_args, get_origin
 
-from pydantic import BaseModel, ConfigDict, Field, FilePath, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    DirectoryPath,
+    Field,
+    FilePath,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from . import __version__
 from .checkpoint import (
@@ -600,6 +610,250 @@ def train_command(args: argparse.Namespace) -> None:
         f"{stats['dead_fraction']:.1%}; cross-modal overlap {stats['cross_modal_overlap']:.3f}"
     )
     print(f"shared       {len(result.sae.config.shared_concepts)} concepts")
+
+
+# --- concepts: inspect / catalog / ms ----------------------------------------------------------
+
+
+class InspectArgs(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    image: FilePath | None = None
+    text: str | None = None
+    top: int = Field(ge=1)
+    catalog: FilePath | None = None
+
+    @model_validator(mode="after")
+    def _something_to_inspect(self) -> InspectArgs:
+        if self.image is None and self.text is None:
+            raise ValueError("give --image FILE, --text TEXT or both")
+        return self
+
+
+class CatalogArgs(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    store: DirectoryPath
+    out: Path
+    top_n: int = Field(ge=1)
+    label_words: int = Field(ge=1)
+    image_root: DirectoryPath | None = None
+
+
+class MSArgs(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    store: DirectoryPath
+    embeddings: FilePath
+    out: Path
+    bins: int = Field(ge=1)
+
+
+_POOLING = arg(
+    "--pooling",
+    choices=["mean", "max"],
+    default="mean",
+    help="an image's activation of a concept: mean (default) or max over its tokens",
+)
+
+
+@contextmanager
+def _concepts_usage() -> Iterator[None]:
+    """The expected failures of the concept commands become usage errors (no traceback)."""
+    from .concepts import ConceptsError
+    from .store import StoreError
+
+    try:
+        yield
+    except (ConceptsError, StoreError) as e:
+        raise UsageError(str(e)) from e
+
+
+@subcommand(
+    "inspect",
+    "top concepts of an image or a text, with labels and what the guard keeps or removes",
+    arg("--sae", required=True, metavar="DIR", help="VL-SAE checkpoint directory or Hub id"),
+    arg("--model", required=True, help="LLaVA checkpoint folder or Hub id"),
+    arg("--image", type=Path, metavar="FILE", help="image to inspect"),
+    arg("--text", metavar="TEXT", help="text to inspect (with --image: the prompt)"),
+    arg("--top", type=int, default=10, help="concepts listed (default 10)"),
+    _POOLING,
+    arg("--catalog", type=Path, metavar="catalog.json", help="labels from `vlsae-guard catalog`"),
+    arg("--method", choices=["replace", "edit"], default="replace", help="guard method"),
+    arg(
+        "--text-grounded",
+        action="store_true",
+        help="guard keeps only concepts --text activates too (the text as given, no template)",
+    ),
+    arg("--device", default="cpu", help="cpu (default), cuda, cuda:1, ..."),
+    arg("--json", type=Path, metavar="FILE", help="also write the result as JSON"),
+)
+def inspect_command(args: argparse.Namespace) -> None:
+    """Run the image (and/or text) through the model up to the SAE's site, encode its tokens
+    and pool them per concept; list the strongest concepts with their labels. For an image and
+    a projector-site SAE, also list which of its concepts the guard keeps (the shared set) and
+    which it removes: what separates the guarded answer from the unguarded one."""
+    from .backends.inputs import load_for_collection
+    from .concepts.catalog import read_catalog
+    from .concepts.inspect import format_inspection, inspect_rows, read_tokens
+    from .intervention import GuardConfig
+
+    opts = validated(
+        InspectArgs,
+        "arguments",
+        image=args.image,
+        text=args.text,
+        top=args.top,
+        catalog=args.catalog,
+    )
+    with _concepts_usage():
+        labels = read_catalog(opts.catalog).labels() if opts.catalog else {}
+        image = _open_image(opts.image) if opts.image else None
+        sae = load(args.sae).eval()
+        model, inputs = load_for_collection(args.model, device=args.device)
+        sae = sae.to(args.device)
+        rows = read_tokens(model, inputs, sae, image, opts.text)
+        guard = None
+        if sae.config.source.site in (None, "projector"):
+            guard = GuardConfig(method=args.method, text_grounded=args.text_grounded)
+        report = {}
+        for modality, name in (("vision", str(opts.image)), ("text", repr(opts.text))):
+            if modality not in rows:
+                continue
+            result = inspect_rows(
+                sae,
+                rows[modality],
+                modality,
+                pooling=args.pooling,
+                top=opts.top,
+                labels=labels,
+                guard=guard if modality == "vision" else None,
+                text_rows=rows.get("text"),
+            )
+            print(format_inspection(f"{modality} {name}", result, opts.top))
+            report[modality] = result.to_json()
+    _write_json(args.json, report)
+
+
+def _open_image(path: Path):
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as img:
+            return img.convert("RGB")
+    except (OSError, UnidentifiedImageError) as e:
+        raise UsageError(f"{path}: not readable as an image ({e})") from e
+
+
+@subcommand(
+    "catalog",
+    "each concept's top images and captions in a store, labelled; JSON + static HTML",
+    arg("--sae", required=True, metavar="DIR", help="VL-SAE checkpoint directory or Hub id"),
+    arg("--store", required=True, type=Path, metavar="STORE", help="store of `collect`"),
+    arg("--out", required=True, type=Path, metavar="DIR", help="catalog.json, index.html, thumbs"),
+    arg("--top-n", type=int, default=8, help="images and captions per concept (default 8)"),
+    _POOLING,
+    arg("--concepts", type=int, nargs="+", metavar="K", help="only these concepts"),
+    arg("--label-words", type=int, default=3, help="words per label (default 3)"),
+    arg("--image-root", type=Path, metavar="DIR", help="base of relative image paths"),
+)
+def catalog_command(args: argparse.Namespace) -> None:
+    """Encode every image and caption of a store with the SAE, keep each concept's N strongest
+    images and captions, label it with its most characteristic caption words (tf-idf,
+    stopwords removed), and write catalog.json plus index.html with thumbnails."""
+    from .concepts.catalog import build_catalog, write_catalog
+    from .store import ActivationStore
+
+    opts = validated(
+        CatalogArgs,
+        "arguments",
+        store=args.store,
+        out=args.out,
+        top_n=args.top_n,
+        label_words=args.label_words,
+        image_root=args.image_root,
+    )
+    with _concepts_usage():
+        sae = load(args.sae).eval()
+        catalog = build_catalog(
+            ActivationStore(opts.store),
+            sae,
+            top_n=opts.top_n,
+            pooling=args.pooling,
+            concepts=args.concepts,
+            label_size=opts.label_words,
+            sae_name=str(args.sae),
+        )
+    written = write_catalog(catalog, opts.out, opts.image_root)
+    print(
+        f"{len(catalog.concepts)} concepts of {catalog.n_concepts} over {catalog.images} images "
+        f"and {catalog.captions} captions; {written['thumbnails']} thumbnails\n"
+        f"wrote {written['json']}\nwrote {written['html']}"
+    )
+
+
+@subcommand(
+    "ms",
+    "monosemanticity score of the SAE's concepts over a store's images, vs raw neurons",
+    arg("--sae", required=True, metavar="DIR", help="VL-SAE checkpoint directory or Hub id"),
+    arg("--store", required=True, type=Path, metavar="STORE", help="store of `collect`"),
+    arg(
+        "--embeddings",
+        required=True,
+        type=Path,
+        metavar="FILE",
+        help="image embeddings of a separate encoder: .safetensors (tensor 'embeddings', "
+        "metadata 'images' or 'ids') or .npz (arrays 'embeddings' and 'images' or 'ids')",
+    ),
+    _POOLING,
+    arg("--out", type=Path, default=Path("runs/ms"), help="output folder (default runs/ms)"),
+    arg("--bins", type=int, default=50, help="histogram bins (default 50)"),
+    arg("--no-baseline", action="store_true", help="skip the raw-neuron baseline"),
+)
+def ms_command(args: argparse.Namespace) -> None:
+    """MS_k = sum_{n<m} a_n a_m s_nm / sum_{n<m} a_n a_m (activations min-max normalised per
+    concept, s = cosine similarity of the embeddings), in closed form, streamed over the
+    store. Prints the distribution (mean, median, best, dead) for the SAE's concepts and for
+    the model's raw neurons (the paper's baseline); writes ms.json and ms_histogram.png."""
+    from .concepts.ms import MSResult, histogram, store_monosemanticity
+    from .store import ActivationStore
+
+    opts = validated(
+        MSArgs,
+        "arguments",
+        store=args.store,
+        embeddings=args.embeddings,
+        out=args.out,
+        bins=args.bins,
+    )
+    with _concepts_usage():
+        sae = load(args.sae).eval()
+        result = store_monosemanticity(
+            ActivationStore(opts.store), sae, opts.embeddings, args.pooling, not args.no_baseline
+        )
+    summaries = {"sae": MSResult.summary(result.scores)}
+    if result.baseline is not None:
+        summaries["raw neurons"] = MSResult.summary(result.baseline)
+    print(f"monosemanticity over {result.images} images ({args.pooling} pooling)")
+    for name, s in summaries.items():
+        best = s["best"]
+        best_text = f"{best['score']:.4f} (#{best['unit']})" if best else "n/a"
+        print(
+            f"  {name:<12} units {s['units']:>6}  dead {s['dead']:>6}  mean {s['mean']:.4f}  "
+            f"median {s['median']:.4f}  best {best_text}"
+        )
+    png = histogram(result, opts.out / "ms_histogram.png", opts.bins)
+    scores = {"sae": result.scores.tolist()}
+    if result.baseline is not None:
+        scores["raw_neurons"] = result.baseline.tolist()
+    record = {"images": result.images, "pooling": args.pooling, "summary": summaries}
+    _write_json(opts.out / "ms.json", record | {"scores": _nan_to_none(scores)})
+    print(f"wrote {png}")
+
+
+def _nan_to_none(scores: dict[str, list[float]]) -> dict[str, list[float | None]]:
+    """JSON has no NaN: dead units are written as null."""
+    return {k: [None if v != v else v for v in vs] for k, vs in scores.items()}
 
 
 # --- serve -------------------------------------------------------------------------------------

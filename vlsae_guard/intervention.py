@@ -127,6 +127,19 @@ class ProjectorIntervention:
                 masks[i, idx.reshape(-1)] = True
         return masks
 
+    def keep(
+        self, codes: Codes, owners: Tensor | None = None, text_masks: Tensor | None = None
+    ) -> Tensor:
+        """Per row and TopK slot: is that concept kept (in S, and in the row's sample's text
+        mask when given)? What the guard drops is the rest; ``inspect`` shows the same split."""
+        keep = self.shared[codes.indices]
+        if text_masks is not None:
+            if owners is None:
+                raise ValueError("text-grounded guarding needs the owner sample of each row")
+            rows = text_masks[owners.reshape(-1).to(text_masks.device)]
+            keep = keep & rows.gather(-1, codes.indices)
+        return keep
+
     @torch.no_grad()
     def __call__(
         self, feats: Tensor, owners: Tensor | None = None, text_masks: Tensor | None = None
@@ -139,12 +152,7 @@ class ProjectorIntervention:
         decoder = self.sae.decoder_for("vision")
         out = x
         if cfg.alpha:
-            keep = self.shared[codes.indices]
-            if text_masks is not None:
-                if owners is None:
-                    raise ValueError("text-grounded guarding needs the owner sample of each row")
-                rows = text_masks[owners.reshape(-1).to(text_masks.device)]
-                keep = keep & rows.gather(-1, codes.indices)
+            keep = self.keep(codes, owners, text_masks)
             if cfg.method == "replace":
                 kept = Codes(codes.values * keep, codes.indices, codes.n_concepts)
                 out = torch.lerp(x, decoder.sparse(kept), cfg.alpha)

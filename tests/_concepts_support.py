@@ -1,0 +1,78 @@
+"""A tiny store (collected from the tiny LLaVA) and a VL-SAE fitted to it, for concept tests.
+
+The SAE is not trained: its encoder rows are unit-normalised rows of the store (vision and
+text), so its concepts fire on real inputs; every other concept is in the shared set.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+
+from vlsae_guard.backends.inputs import HFInputs
+from vlsae_guard.collect import CollectConfig, collect
+from vlsae_guard.config import SAEConfig, Source
+from vlsae_guard.demo import make_scenes
+from vlsae_guard.sae import VLSAE
+from vlsae_guard.store import ActivationStore
+
+N_CONCEPTS, K = 48, 6
+
+
+@dataclass
+class Env:
+    root: Path
+    store: Path
+    sae: Path
+    pairs: list[dict]  # the JSONL lines, in pair order
+    n_images: int
+    n_concepts: int
+    d: int
+
+
+@pytest.fixture(scope="module")
+def concepts_env(tmp_path_factory, tiny_hf_dir, hf_model_and_processor) -> Env:
+    root = tmp_path_factory.mktemp("concepts")
+    lines = []
+    for i, scene in enumerate(make_scenes(10, seed=0)):
+        scene.image.save(root / f"{i}.png")
+        caption = " and ".join(f"a {c} {s}" for c, s in scene.objects)
+        lines.append({"image": f"{i}.png", "caption": caption, "id": f"img{i}"})
+    # A second caption of image 0 (a second pair of the same image): counted once as an image.
+    lines.append({"image": "0.png", "caption": "the <b>same</b> picture & more", "id": "img0b"})
+    (root / "pairs.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    model, processor = hf_model_and_processor
+    config = CollectConfig(
+        model=str(tiny_hf_dir),
+        out=root / "store",
+        data={"format": "jsonl", "path": root / "pairs.jsonl"},
+        batch_size=4,
+        pairs_per_shard=4,
+        progress=False,
+    )
+    collect(config, model=model, inputs=HFInputs(processor))
+    store = ActivationStore(root / "store")
+    d = store.manifest.dims["vision"]
+    rows = torch.cat(
+        [store.load(p, ("vision",))["vision"] for p in range(len(store.shards))]
+        + [store.load(p, ("text",))["text"] for p in range(len(store.shards))]
+    )
+    gen = torch.Generator().manual_seed(0)
+    pick = torch.randperm(len(rows), generator=gen)[:N_CONCEPTS]
+    sae = VLSAE(
+        SAEConfig(
+            d_in=d,
+            n_concepts=N_CONCEPTS,
+            k=K,
+            source=Source(model_id=str(tiny_hf_dir), site="projector"),
+            shared_concepts=list(range(0, N_CONCEPTS, 2)),
+        )
+    )
+    with torch.no_grad():
+        sae.encoder.copy_(rows[pick] + 0.01 * torch.randn(N_CONCEPTS, d, generator=gen))
+    sae.save_pretrained(root / "sae")
+    return Env(root, root / "store", root / "sae", lines, 10, N_CONCEPTS, d)
