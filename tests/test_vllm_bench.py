@@ -14,6 +14,8 @@ pytest.importorskip("vllm")
 from _pope import run, texts, write_inputs  # noqa: E402
 from _vllm import ALPHA, ENGINE, save_sae  # noqa: E402
 
+from vlsae_guard.harness import pope  # noqa: E402
+
 # What the runner sets itself (--dtype, --seed) is refused in --engine-args.
 ENGINE_ARGS = {k: v for k, v in ENGINE.items() if k not in ("dtype", "seed")}
 
@@ -48,3 +50,5 @@ def test_vllm_backend_answers_both_arms_as_the_hf_backend(
     assert settings["sae_sha256"] == hf["settings"]["sae_sha256"]
     sidecar = json.loads((out / "answers" / "guard-on" / "questions.settings.json").read_text())
     assert sidecar["engine_args"] == ENGINE_ARGS and sidecar["guard"]["alpha"] == ALPHA
+    pope.finish(results, out, "POPE on vLLM")  # the plot's dependencies are in this environment
+    assert (out / "results.png").stat().st_size > 0
