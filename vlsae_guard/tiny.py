@@ -208,7 +208,7 @@ def _configs(sizes: TinySizes, tokenizer):
     return vision, text
 
 
-def _randomize(model: torch.nn.Module, seed: int) -> None:
+def randomize(model: torch.nn.Module, seed: int) -> None:
     """Overwrite every parameter from a private generator (global RNG untouched).
 
     Unit-variance embeddings and ``1/sqrt(fan_in)`` matrices instead of transformers' 0.02
@@ -261,14 +261,9 @@ def _save_weights(state: dict[str, torch.Tensor], path: Path) -> None:
     save_file(tensors, path, metadata={"format": "pt"})
 
 
-def _hub_state(next: bool, sizes: TinySizes, tokenizer, seed: int):
-    """(config, hub-named weights) of a randomized tiny LLaVA(-NeXT)."""
-    from transformers import (
-        LlavaConfig,
-        LlavaForConditionalGeneration,
-        LlavaNextConfig,
-        LlavaNextForConditionalGeneration,
-    )
+def llava_config(sizes: TinySizes, tokenizer, next: bool = False):
+    """The ``Llava(Next)Config`` of a tiny model with these sizes and this tokenizer."""
+    from transformers import LlavaConfig, LlavaNextConfig
 
     vision, text = _configs(sizes, tokenizer)
     common = dict(
@@ -282,14 +277,23 @@ def _hub_state(next: bool, sizes: TinySizes, tokenizer, seed: int):
         pad_token_id=tokenizer.pad_token_id,
     )
     if next:
-        config = LlavaNextConfig(image_grid_pinpoints=_pinpoints(sizes), **common)
-        cls = LlavaNextForConditionalGeneration
-    else:
-        config = LlavaConfig(image_seq_length=sizes.image_seq_length, **common)
-        cls = LlavaForConditionalGeneration
+        return LlavaNextConfig(image_grid_pinpoints=_pinpoints(sizes), **common)
+    return LlavaConfig(image_seq_length=sizes.image_seq_length, **common)
+
+
+def _model_class(next: bool):
+    from transformers import LlavaForConditionalGeneration, LlavaNextForConditionalGeneration
+
+    return LlavaNextForConditionalGeneration if next else LlavaForConditionalGeneration
+
+
+def _hub_state(next: bool, sizes: TinySizes, tokenizer, seed: int):
+    """(config, hub-named weights) of a randomized tiny LLaVA(-NeXT)."""
+    config = llava_config(sizes, tokenizer, next)
+    cls = _model_class(next)
     with torch.random.fork_rng(devices=[]):  # construction draws from the global RNG
         model = cls(config)
-    _randomize(model, seed)
+    randomize(model, seed)
     config.architectures = [cls.__name__]
     return config, {hub_key(k): v for k, v in model.state_dict().items()}
 
@@ -312,8 +316,32 @@ def build_hf_llava(
     ``next=True`` makes a LLaVA-NeXT (anyres, vicuna prompt format) one. ``sizes`` override
     :class:`TinySizes` fields. ``from_pretrained(directory)`` and ``AutoProcessor`` load it.
     """
+    from transformers import AutoTokenizer
+
+    tiny = TinySizes(**sizes)
+    out = Path(directory)
+    tokenizer = AutoTokenizer.from_pretrained(build_tokenizer(out))
+    config, state = _hub_state(next, tiny, tokenizer, seed)
+    return _write_hf(out, config, state, tokenizer, tiny, next)
+
+
+def save_hf_llava(model: torch.nn.Module, directory: str | os.PathLike, sizes: TinySizes) -> Path:
+    """Save a (trained) tiny ``Llava(Next)ForConditionalGeneration`` as :func:`build_hf_llava`
+    does: hub-layout weight names, this module's tokenizer and processor; returns ``directory``.
+    """
+    from transformers import AutoTokenizer
+
+    out = Path(directory)
+    tokenizer = AutoTokenizer.from_pretrained(build_tokenizer(out))
+    next = type(model).__name__.startswith("LlavaNext")
+    config = model.config
+    config.architectures = [_model_class(next).__name__]
+    state = {hub_key(k): v for k, v in model.state_dict().items()}
+    return _write_hf(out, config, state, tokenizer, sizes, next)
+
+
+def _write_hf(out: Path, config, state, tokenizer, tiny: TinySizes, next: bool) -> Path:
     from transformers import (
-        AutoTokenizer,
         CLIPImageProcessor,
         GenerationConfig,
         LlavaNextImageProcessor,
@@ -321,10 +349,6 @@ def build_hf_llava(
         LlavaProcessor,
     )
 
-    tiny = TinySizes(**sizes)
-    out = Path(directory)
-    tokenizer = AutoTokenizer.from_pretrained(build_tokenizer(out))
-    config, state = _hub_state(next, tiny, tokenizer, seed)
     config.dtype = "float32"
     config.save_pretrained(out)
     _save_weights(state, out / "model.safetensors")

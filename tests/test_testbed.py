@@ -1,0 +1,208 @@
+"""The CPU hallucination testbed: world, POPE question sets, model training/caching, selection,
+and a --fast end-to-end run of benchmarks/testbed.py."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from vlsae_guard.testbed import experiment
+from vlsae_guard.testbed.model import ModelConfig, TrainingConfig, trained_model
+from vlsae_guard.testbed.world import (
+    QUESTION_SETS,
+    Statistics,
+    WorldConfig,
+    build_world,
+    mentioned,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+WORLD = WorldConfig(n_train=1500, n_val=40, n_test=120)
+
+
+@pytest.fixture(scope="session")
+def world():
+    return build_world(WORLD, seed=3)
+
+
+@pytest.fixture(scope="session")
+def fast_run(tmp_path_factory):
+    """benchmarks/testbed.py --fast on one seed (the only expensive fixture)."""
+    spec = importlib.util.spec_from_file_location("testbed_bench", ROOT / "benchmarks/testbed.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    root = tmp_path_factory.mktemp("testbed")
+    argv = ["--fast", "--seeds", "0", "--out", str(root / "out"), "--cache", str(root / "cache")]
+    assert bench.main([*argv, "--quiet"]) == 0
+    return root, json.loads((root / "out" / "results.json").read_text())
+
+
+def test_world_is_deterministic_per_seed(world):
+    again = build_world(WORLD, seed=3)
+    other = build_world(WORLD, seed=4)
+    for split in ("train", "test"):
+        a, b = world.splits[split][:20], again.splits[split][:20]
+        assert [s.objects for s in a] == [s.objects for s in b]
+        pixels = zip(a, b, strict=True)
+        assert all(np.array_equal(np.asarray(x.image), np.asarray(y.image)) for x, y in pixels)
+    assert [s.objects for s in other.splits["train"][:20]] != [
+        s.objects for s in world.splits["train"][:20]
+    ]
+    assert world.questions("test") == again.questions("test")
+
+
+def test_planted_bias_in_train_and_broken_in_val_and_test(world):
+    train = world.statistics
+    for a, b in WORLD.bias_pairs:
+        assert train.rate(a, b) == pytest.approx(WORLD.bias_rate, abs=0.05)
+        for split in ("val", "test"):
+            assert Statistics.of(world.splits[split]).rate(a, b) < 0.6
+    # a rate of 0 plants the opposite: B never with A
+    anti = build_world(WORLD.model_copy(update={"bias_rate": 0.0, "n_train": 300}), seed=3)
+    assert all(anti.statistics.rate(a, b) == 0 for a, b in WORLD.bias_pairs)
+
+
+def test_captions_mention_exactly_the_objects_present(world):
+    for scene in world.splits["train"][:300]:
+        assert mentioned(scene.caption, WORLD) == scene.present
+        assert WORLD.min_objects <= len(scene.objects) <= WORLD.max_objects
+
+
+def test_pope_question_sets(world):
+    sets = world.questions("test")
+    assert set(sets) == set(QUESTION_SETS)
+    scenes = {s.name: s for s in world.splits["test"]}
+    freq = world.statistics.frequency
+    for kind in ("random", "popular", "adversarial"):
+        qs = sets[kind]
+        assert sum(q.label == "yes" for q in qs) == sum(q.label == "no" for q in qs)
+        for q in qs:
+            assert (q.name in scenes[q.image].present) == (q.label == "yes")
+            assert q.text == f"Is there a {q.name} in the image?"
+        for image, scene in scenes.items():
+            neg = [q.name for q in qs if q.image == image and q.label == "no"]
+            absent = [n for n in WORLD.names if n not in scene.present]
+            if kind == "popular":
+                ranked = sorted(absent, key=lambda n: (-freq[n], n))
+                assert neg == ranked[: len(neg)]
+            if kind == "adversarial":
+                score = {
+                    n: sum(world.statistics.together(n, p) for p in scene.present) for n in absent
+                }
+                assert min((score[n] for n in neg), default=0) >= max(
+                    (score[n] for n in absent if n not in neg), default=0
+                )
+    # an image with A and not B gets B as its most adversarial negative
+    a, b = WORLD.bias_pairs[0]
+    hit = [s for s in scenes.values() if a in s.present and b not in s.present]
+    assert hit
+    for scene in hit:
+        neg = [q.name for q in sets["adversarial"] if q.image == scene.name and q.label == "no"]
+        assert b in neg
+    for q in sets["bias"]:
+        pair = next(p for p in WORLD.bias_pairs if p[1] == q.name)
+        present = scenes[q.image].present
+        assert (q.label == "no") == (pair[0] in present and q.name not in present)
+
+
+def test_world_config_rejects_bad_settings():
+    with pytest.raises(ValueError, match="unknown classes"):
+        WorldConfig(bias_pairs=(("ball", "zebra"),))
+    with pytest.raises(ValueError, match="absent objects"):
+        WorldConfig(max_objects=8)
+
+
+def test_trained_model_loads_in_hub_layout_and_is_cached(world, tmp_path, monkeypatch):
+    from safetensors import safe_open
+    from transformers import AutoModelForImageTextToText
+
+    small = build_world(WORLD.model_copy(update={"n_train": 16}), seed=3)
+    config, training = ModelConfig(), TrainingConfig(steps=2, batch_size=4)
+    first = trained_model(small, config, training, tmp_path, log=lambda *_: None)
+    assert not first.cached
+    with safe_open(first.path / "model.safetensors", "pt") as f:
+        keys = list(f.keys())
+    assert any(k.startswith("vision_tower.vision_model.") for k in keys)
+    assert any(k.startswith("language_model.model.layers.") for k in keys)
+    assert not any(k.startswith("model.") for k in keys)
+    model = AutoModelForImageTextToText.from_pretrained(first.path)
+    assert type(model).__name__ == "LlavaForConditionalGeneration"
+    state = {k: v for k, v in model.state_dict().items() if "vision_tower" in k}
+    assert state and all(torch.isfinite(v).all() for v in state.values())
+
+    from vlsae_guard.testbed import model as model_module
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("retrained although cached")
+
+    monkeypatch.setattr(model_module, "train", refuse)
+    again = trained_model(small, config, training, tmp_path, log=lambda *_: None)
+    assert again.cached and again.path == first.path and again.sha256 == first.sha256
+    other = TrainingConfig(steps=3, batch_size=4)
+    with pytest.raises(AssertionError, match="retrained"):
+        trained_model(small, config, other, tmp_path, log=lambda *_: None)
+
+
+def test_training_is_deterministic(tmp_path):
+    small = build_world(WORLD.model_copy(update={"n_train": 16}), seed=5)
+    config, training = ModelConfig(), TrainingConfig(steps=3, batch_size=4)
+    a = trained_model(small, config, training, tmp_path / "a", log=lambda *_: None)
+    b = trained_model(small, config, training, tmp_path / "b", log=lambda *_: None)
+    assert a.sha256 == b.sha256
+
+
+def _val(variant, alpha, on, off=50.0):
+    return {"variant": variant, "alpha": alpha, "mean_f1": {"off": off, "on": on}}
+
+
+def test_choose_is_a_function_of_validation_numbers_only():
+    val = [
+        _val("replace", 0.25, 70.0),
+        _val("replace", 0.5, 80.0),
+        _val("replace", 1.0, 80.0),  # tie: the smaller alpha wins
+        _val("edit", 0.5, 40.0),
+        _val("edit", 1.0, 45.0),
+    ]
+    for run in val:
+        run["hallucination"] = {"off": 30.0, "on": 20.0}
+    chosen = experiment.choose(val)
+    assert {k: v["alpha"] for k, v in chosen.items()} == {"replace": 0.5, "edit": 1.0}
+    assert experiment.choose(list(reversed(val))) == chosen
+    assert chosen["replace"]["val_mean_f1"] == {"off": 50.0, "on": 80.0}
+
+
+def test_fast_end_to_end_results(fast_run):
+    root, results = fast_run
+    config = experiment.ExperimentConfig.fast()
+    variants = [v.name for v in config.eval.variants]
+    assert results["seeds"] == [0]
+    assert set(results["config"]) == {"world", "model", "training", "sae", "eval"}
+    assert results["environment"]["packages"]["torch"]
+    (seed,) = results["per_seed"]
+    assert len(seed["model"]["sha256"]) == 64 and seed["model"]["training"]["loss"]
+    assert {"projector", f"layer:{config.paper_layer}"} == set(seed["sae"])
+    assert all(len(s["sha256"]) == 64 for s in seed["sae"].values())
+    assert len(seed["validation"]) == len(variants) * len(config.eval.alphas)
+    assert set(seed["chosen"]) == set(variants)
+    for name in variants:
+        run = seed["test"][name]
+        assert run["alpha"] == seed["chosen"][name]["alpha"]
+        assert run["guard"]["alpha"] == run["alpha"]
+        assert set(run["splits"]) == set(QUESTION_SETS)
+        for split in run["splits"].values():
+            assert set(split["off"]) >= {"f1", "precision", "yes_ratio"}
+            assert 0 <= split["mcnemar_p"] <= 1
+        assert {"off", "on", "n", "mcnemar_p"} <= set(run["hallucination"])
+        agg = results["aggregate"][name]
+        assert agg["splits"]["random"]["off"]["f1"]["mean"] == run["splits"]["random"]["off"]["f1"]
+    assert set(seed["seconds"]) == {"world", "model", "sae", "validation", "test"}
+    md = (root / "out" / "results.md").read_text()
+    assert "hallucination % off" in md and "| replace (" in md
+    # the validation runs and the test runs read different images
+    val_q = (root / "out" / "seed-0" / "val" / "random.jsonl").read_text()
+    assert "test_" not in val_q and "val_" in val_q

@@ -1,0 +1,345 @@
+"""A generated world where object hallucination is planted on purpose and can be measured.
+
+Images show 1-4 objects of a few classes, each a shape in a colour of its own, on a dark
+background with grey clutter; the B object of each bias pair is drawn smaller, so it is harder
+to see than the A that predicts it (as the small objects that real LVLMs hallucinate). In the
+*training* split each bias pair (A, B) co-occurs at a set rate: of the images that contain A,
+``bias_rate`` also contain B. That is the shortcut behind object hallucination in real LVLMs
+(a model that learned it says "yes" to B whenever A is there). Validation and test images draw
+their objects independently, which breaks the bias.
+
+Questions are built the POPE way (Li et al., 2023): per image as many "no" as "yes" questions,
+negatives drawn at random (``random``), among the most frequent objects (``popular``), or among
+the objects that co-occur most with the image's objects (``adversarial``), with the statistics
+taken from the training split. A fourth set, ``bias``, asks about B exactly where the bias is
+broken: "no" where A is present without B (the hallucination the shortcut causes), "yes" where
+B is present without A.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import dataclass, field
+from functools import cached_property
+from itertools import combinations
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+from PIL import Image, ImageDraw
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+COLOURS = {
+    "red": (215, 50, 45),
+    "green": (50, 180, 70),
+    "blue": (55, 95, 225),
+    "yellow": (230, 205, 50),
+    "orange": (240, 130, 30),
+    "purple": (150, 60, 200),
+    "pink": (240, 120, 190),
+    "cyan": (60, 210, 220),
+}
+SHAPES = ("circle", "square", "triangle", "ring")
+SPLITS = ("train", "val", "test")
+QUESTION_SETS = ("random", "popular", "adversarial", "bias")
+QUESTION = "Is there a {name} in the image?"
+CAPTIONS = (
+    "A picture of {objects}.",
+    "There is {objects} in the image.",
+    "This image contains {objects}.",
+    "I can see {objects}.",
+    "In this picture there is {objects}.",
+)
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ObjectClass(_Strict):
+    name: str  # one word of the tiny tokenizer's vocabulary
+    shape: Literal["circle", "square", "triangle", "ring"]
+    colour: Literal["red", "green", "blue", "yellow", "orange", "purple", "pink", "cyan"]
+    scale: float = Field(default=1.0, gt=0, le=1)  # times the drawn size
+
+
+DEFAULT_CLASSES = (
+    ObjectClass(name="ball", shape="circle", colour="red"),
+    ObjectClass(name="apple", shape="circle", colour="green"),
+    ObjectClass(name="box", shape="square", colour="blue"),
+    ObjectClass(name="book", shape="square", colour="orange"),
+    ObjectClass(name="kite", shape="triangle", colour="yellow", scale=0.7),
+    ObjectClass(name="cake", shape="triangle", colour="pink"),
+    ObjectClass(name="ring", shape="ring", colour="purple"),
+    ObjectClass(name="clock", shape="ring", colour="cyan", scale=0.7),
+)
+
+
+class WorldConfig(_Strict):
+    """Everything a world is generated from (with the seed)."""
+
+    classes: tuple[ObjectClass, ...] = DEFAULT_CLASSES
+    bias_pairs: tuple[tuple[str, str], ...] = (("ball", "kite"), ("book", "clock"))
+    bias_rate: float = Field(default=0.9, ge=0, le=1)  # P(B | A) in the training split
+    n_train: int = Field(default=3000, ge=1)
+    n_val: int = Field(default=100, ge=1)
+    n_test: int = Field(default=250, ge=1)
+    image_size: int = Field(default=32, ge=16)
+    min_objects: int = Field(default=1, ge=1)
+    max_objects: int = Field(default=4, ge=1)
+    object_size: tuple[float, float] = (0.25, 0.45)  # side, as a fraction of the image
+    clutter: int = Field(default=3, ge=0)  # grey specks and strokes per image, at most
+    questions_per_image: int = Field(default=2, ge=1)  # "yes" (and as many "no") per image
+
+    @model_validator(mode="after")
+    def _check(self) -> WorldConfig:
+        names = [c.name for c in self.classes]
+        if len(set(names)) != len(names):
+            raise ValueError(f"class names must be distinct, got {names}")
+        if len({(c.shape, c.colour) for c in self.classes}) != len(names):
+            raise ValueError("two classes share a shape and a colour: they could not be told apart")
+        if self.min_objects > self.max_objects or self.max_objects >= len(names):
+            raise ValueError(
+                f"need min_objects <= max_objects < number of classes ({len(names)}) so that "
+                "every image has absent objects to ask about"
+            )
+        used = [n for pair in self.bias_pairs for n in pair]
+        if unknown := sorted(set(used) - set(names)):
+            raise ValueError(f"bias_pairs name unknown classes {unknown}")
+        if len(set(used)) != len(used):
+            raise ValueError("bias pairs must not share objects (their rates would interfere)")
+        if len(self.bias_pairs) > self.max_objects - 1:
+            raise ValueError("max_objects must leave room for every bias pair's B")
+        lo, hi = self.object_size
+        if not 0 < lo <= hi <= 1:
+            raise ValueError(f"object_size must satisfy 0 < low <= high <= 1, got {lo, hi}")
+        return self
+
+    @property
+    def names(self) -> list[str]:
+        return [c.name for c in self.classes]
+
+
+@dataclass
+class Scene:
+    """One image with its ground truth: ``objects`` in drawing order, with boxes."""
+
+    name: str  # image file name
+    objects: list[str]
+    boxes: list[tuple[int, int, int, int]]
+    image: Image.Image
+    caption: str
+
+    @property
+    def present(self) -> set[str]:
+        return set(self.objects)
+
+
+@dataclass
+class Statistics:
+    """Object frequencies and pairwise co-occurrence counts of a set of scenes."""
+
+    frequency: Counter = field(default_factory=Counter)
+    cooccurrence: Counter = field(default_factory=Counter)  # key: sorted (a, b)
+
+    @classmethod
+    def of(cls, scenes: list[Scene]) -> Statistics:
+        stats = cls()
+        for scene in scenes:
+            stats.frequency.update(scene.present)
+            stats.cooccurrence.update(combinations(sorted(scene.present), 2))
+        return stats
+
+    def together(self, a: str, b: str) -> int:
+        return self.cooccurrence[tuple(sorted((a, b)))]
+
+    def rate(self, a: str, b: str) -> float:
+        """P(b | a): the share of the scenes with ``a`` that also contain ``b``."""
+        return self.together(a, b) / self.frequency[a] if self.frequency[a] else float("nan")
+
+
+@dataclass(frozen=True)
+class Question:
+    question_id: int
+    image: str
+    name: str  # the object asked about
+    label: str  # "yes" | "no"
+
+    @property
+    def text(self) -> str:
+        return QUESTION.format(name=self.name)
+
+    def record(self) -> dict:
+        """A POPE question-file line."""
+        return {
+            "question_id": self.question_id,
+            "image": self.image,
+            "text": self.text,
+            "label": self.label,
+        }
+
+
+@dataclass
+class World:
+    config: WorldConfig
+    seed: int
+    splits: dict[str, list[Scene]]
+
+    @cached_property
+    def statistics(self) -> Statistics:
+        """Training-split statistics: what POPE's popular/adversarial sampling ranks by."""
+        return Statistics.of(self.splits["train"])
+
+    def questions(self, split: str) -> dict[str, list[Question]]:
+        """The four question sets about ``split`` (val or test), deterministic per seed."""
+        return {
+            kind: build_questions(self, split, kind)  # type: ignore[arg-type]
+            for kind in QUESTION_SETS
+        }
+
+    def write(self, split: str, directory: Path, questions: bool = True) -> dict[str, Path]:
+        """PNG images under ``directory/images`` (+ POPE question files); returns the paths."""
+        images = directory / "images"
+        images.mkdir(parents=True, exist_ok=True)
+        for scene in self.splits[split]:
+            target = images / scene.name
+            if not target.exists():
+                scene.image.save(target)
+        paths = {"images": images}
+        if questions:
+            for kind, qs in self.questions(split).items():
+                paths[kind] = directory / f"{kind}.jsonl"
+                paths[kind].write_text("".join(json.dumps(q.record()) + "\n" for q in qs))
+        return paths
+
+
+def build_world(config: WorldConfig, seed: int) -> World:
+    """All splits of the world for ``seed``; each split has its own random stream."""
+    splits = {}
+    for code, split in enumerate(SPLITS):
+        rng = np.random.default_rng([seed, code])
+        n = getattr(config, f"n_{split}")
+        splits[split] = [
+            _scene(config, rng, f"{split}_{i:05d}.png", biased=split == "train") for i in range(n)
+        ]
+    return World(config, seed, splits)
+
+
+def _objects(config: WorldConfig, rng: np.random.Generator, biased: bool) -> list[str]:
+    n = int(rng.integers(config.min_objects, config.max_objects + 1))
+    names = [str(x) for x in rng.choice(config.names, size=n, replace=False)]
+    if not biased:
+        return names
+    fixed: set[str] = set()  # objects a bias pair has decided on: later pairs keep them
+    for a, b in config.bias_pairs:
+        if a not in names:
+            continue
+        fixed.add(a)
+        want = rng.random() < config.bias_rate
+        if want and b not in names:
+            if len(names) < config.max_objects:
+                names.append(b)
+            else:
+                free = [i for i, x in enumerate(names) if x not in fixed]
+                names[free[int(rng.integers(len(free)))]] = b
+        elif not want and b in names:
+            names.remove(b)
+        if want:
+            fixed.add(b)
+    return names
+
+
+def _scene(config: WorldConfig, rng: np.random.Generator, name: str, biased: bool) -> Scene:
+    objects = _objects(config, rng, biased)
+    size = config.image_size
+    image = Image.new("RGB", (size, size), tuple(int(v) for v in rng.integers(0, 70, 3)))
+    draw = ImageDraw.Draw(image)
+    for _ in range(int(rng.integers(0, config.clutter + 1))):
+        grey = tuple([int(rng.integers(90, 170))] * 3)
+        x0, y0, x1, y1 = (int(v) for v in rng.integers(0, size, 4))
+        draw.line([x0, y0, x1, y1], fill=grey, width=1)
+    boxes = []
+    by_name = {c.name: c for c in config.classes}
+    for obj in objects:
+        box = _place(config, rng, boxes, by_name[obj].scale)
+        boxes.append(box)
+        _draw(draw, by_name[obj], box, rng)
+    order = [str(x) for x in rng.permutation(objects)]
+    template = CAPTIONS[int(rng.integers(len(CAPTIONS)))]
+    return Scene(name, objects, boxes, image, template.format(objects=_listing(order)))
+
+
+def _place(config: WorldConfig, rng: np.random.Generator, taken: list, scale: float) -> tuple:
+    """A box that overlaps no earlier one, if 30 tries find one (else the last try)."""
+    size = config.image_size
+    lo, hi = config.object_size
+    for _ in range(30):
+        side = max(3, int(round(size * scale * rng.uniform(lo, hi))))
+        x, y = (int(v) for v in rng.integers(0, size - side + 1, 2))
+        box = (x, y, x + side - 1, y + side - 1)
+        if all(box[2] < t[0] or t[2] < box[0] or box[3] < t[1] or t[3] < box[1] for t in taken):
+            break
+    return box
+
+
+def _draw(draw: ImageDraw.ImageDraw, cls: ObjectClass, box, rng: np.random.Generator) -> None:
+    colour = tuple(int(np.clip(c + rng.integers(-25, 26), 0, 255)) for c in COLOURS[cls.colour])
+    x0, y0, x1, y1 = box
+    if cls.shape == "circle":
+        draw.ellipse(box, fill=colour)
+    elif cls.shape == "square":
+        draw.rectangle(box, fill=colour)
+    elif cls.shape == "triangle":
+        draw.polygon([(x0, y1), ((x0 + x1) // 2, y0), (x1, y1)], fill=colour)
+    else:
+        draw.ellipse(box, outline=colour, width=max(2, (x1 - x0) // 5))
+
+
+def _listing(names: list[str]) -> str:
+    items = [f"a {n}" for n in names]
+    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
+
+
+def mentioned(caption: str, config: WorldConfig) -> set[str]:
+    """The class names a caption mentions."""
+    words = set(caption.lower().replace(",", " ").replace(".", " ").split())
+    return words & set(config.names)
+
+
+def negatives(world: World, scene: Scene, kind: str, m: int, rng: np.random.Generator) -> list[str]:
+    """``m`` absent objects to ask about, chosen the POPE way for ``kind``."""
+    stats = world.statistics
+    absent = [n for n in world.config.names if n not in scene.present]
+    if kind == "random":
+        return [str(x) for x in rng.choice(absent, size=m, replace=False)]
+    if kind == "popular":
+        key = {n: stats.frequency[n] for n in absent}
+    elif kind == "adversarial":
+        key = {n: sum(stats.together(n, p) for p in scene.present) for n in absent}
+    else:
+        raise ValueError(f"unknown negative sampling {kind!r}; choose random/popular/adversarial")
+    return sorted(absent, key=lambda n: (-key[n], n))[:m]
+
+
+def build_questions(world: World, split: str, kind: str) -> list[Question]:
+    """One question set (see the module docstring); ids count from 0 in image order."""
+    if split == "train":
+        raise ValueError("questions are for the val and test splits (train is biased)")
+    scenes = world.splits[split]
+    rng = np.random.default_rng([world.seed, SPLITS.index(split), QUESTION_SETS.index(kind)])
+    asked: list[tuple[str, str, str]] = []
+    for scene in scenes:
+        if kind == "bias":
+            for a, b in world.config.bias_pairs:
+                if a in scene.present and b not in scene.present:
+                    asked.append((scene.name, b, "no"))
+                elif b in scene.present and a not in scene.present:
+                    asked.append((scene.name, b, "yes"))
+            continue
+        absent = len(world.config.names) - len(scene.present)
+        m = min(world.config.questions_per_image, len(scene.present), absent)
+        yes = [str(x) for x in rng.choice(sorted(scene.present), size=m, replace=False)]
+        asked += [(scene.name, n, "yes") for n in yes]
+        asked += [(scene.name, n, "no") for n in negatives(world, scene, kind, m, rng)]
+    return [Question(i, image, name, label) for i, (image, name, label) in enumerate(asked)]
