@@ -47,7 +47,7 @@ def brute_force(store: ActivationStore, sae, modality: str) -> dict[int, torch.T
 def built(concepts_env, tmp_path_factory):  # noqa: F811
     store = ActivationStore(concepts_env.store)
     sae = load(concepts_env.sae)
-    catalog = build_catalog(store, sae, top_n=TOP_N)
+    catalog = build_catalog(store, sae, top_n=TOP_N, label_docs=TOP_N)
     out = tmp_path_factory.mktemp("catalog")
     write_catalog(catalog, out)
     return store, sae, catalog, out
@@ -88,12 +88,28 @@ def test_labels_are_characteristic_caption_words(built):
         assert not set(concept.words) & STOPWORDS
         assert concept.label == (", ".join(concept.words) or "(no label)")
         labelled += bool(concept.words)
-    assert labelled >= len(catalog.concepts) // 2
+    assert labelled >= 1  # a random SAE: most concepts have nothing characteristic
 
     assert words("A dog and THE Frisbee, it's on a lawn") == ["dog", "frisbee", "lawn"]
     df = Counter({"red": 1, "circle": 5, "square": 5})
     assert label_words(["a red circle", "red square"], df, 10, top=2)[0] == "red"
     assert label_words(["the a of"], df, 10) == []
+
+
+def test_label_words_must_beat_their_base_rate_by_more_than_chance():
+    df = Counter({"see": 20, "ring": 25, "kite": 10})  # in 100 captions; "see": a template
+    at_base_rate = ["I can see a ring"] * 7 + ["a ring"] * 25  # see: 22% of 32, chance level
+    assert label_words(at_base_rate, df, 100) == ["ring"]
+    enriched = ["I can see a ring"] * 16 + ["a ring"] * 16  # see: 50%, 3.6 sd above 20%
+    assert label_words(enriched, df, 100) == ["ring", "see"]
+
+
+def test_labels_read_label_docs_items_however_many_are_shown(built):
+    store, sae, catalog, _ = built
+    one = build_catalog(store, sae, top_n=1, label_docs=TOP_N)
+    assert [c.label for c in one.concepts] == [c.label for c in catalog.concepts]
+    assert all(len(c.images) <= 1 and len(c.captions) <= 1 for c in one.concepts)
+    assert any(len(c.images) > 1 for c in catalog.concepts)  # so the labels had more to read
 
 
 def test_topn_keeps_the_n_largest_per_concept():

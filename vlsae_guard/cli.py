@@ -637,6 +637,7 @@ class CatalogArgs(BaseModel):
     out: Path
     top_n: int = Field(ge=1)
     label_words: int = Field(ge=1)
+    label_docs: int = Field(ge=1)
     image_root: DirectoryPath | None = None
 
 
@@ -755,11 +756,17 @@ def _open_image(path: Path):
     _POOLING,
     arg("--concepts", type=int, nargs="+", metavar="K", help="only these concepts"),
     arg("--label-words", type=int, default=3, help="words per label (default 3)"),
+    arg(
+        "--label-docs",
+        type=int,
+        default=32,
+        help="top images and captions whose captions the label reads (default 32)",
+    ),
     arg("--image-root", type=Path, metavar="DIR", help="base of relative image paths"),
 )
 def catalog_command(args: argparse.Namespace) -> None:
     """Encode every image and caption of a store with the SAE, keep each concept's N strongest
-    images and captions, label it with its most characteristic caption words (tf-idf,
+    images and captions, label it with its most characteristic caption words (lift,
     stopwords removed), and write catalog.json plus index.html with thumbnails."""
     from .concepts.catalog import build_catalog, write_catalog
     from .store import ActivationStore
@@ -771,6 +778,7 @@ def catalog_command(args: argparse.Namespace) -> None:
         out=args.out,
         top_n=args.top_n,
         label_words=args.label_words,
+        label_docs=args.label_docs,
         image_root=args.image_root,
     )
     with _concepts_usage():
@@ -782,6 +790,7 @@ def catalog_command(args: argparse.Namespace) -> None:
             pooling=args.pooling,
             concepts=args.concepts,
             label_size=opts.label_words,
+            label_docs=opts.label_docs,
             sae_name=str(args.sae),
         )
     written = write_catalog(catalog, opts.out, opts.image_root)

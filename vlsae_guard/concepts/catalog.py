@@ -3,10 +3,16 @@
 * Top-N images: pooled vision codes (:mod:`.pooled`) of every *image* in the store (pairs that
   share an image count once, as its first pair), the N highest activations per concept.
 * Top-N captions: the same over the pooled text codes of every caption.
-* Label: the concept's most characteristic caption words. The captions of its top images and
-  its top captions are the concept's documents; a word scores
-  ``share of those documents containing it x log((1 + C) / (1 + df))`` with ``C`` captions in
-  the store and ``df`` those containing the word (tf-idf), stopwords removed.
+* Label: the concept's most characteristic caption words. The captions of its top
+  ``label_docs`` images and top ``label_docs`` captions (more than the N shown: with a handful
+  of documents, words of the caption templates win by chance) are the concept's documents. A
+  word with share ``p`` of those documents and ``q = (1 + df) / (1 + C)`` of the store's ``C``
+  captions scores ``p log(p / q)`` (its term of the KL divergence from the store's word
+  distribution). Only words clearly more common among the concept's documents than in the
+  store can label it: ``c >= n q + 2 sqrt(n q (1 - q))`` for ``c`` of its ``n`` documents
+  (two binomial standard deviations), so words of the caption templates ("see", "contains"),
+  which every concept's documents hold at about the store's rate, do not. Stopwords are
+  removed.
 
 ``write_catalog`` writes ``catalog.json`` (schema: :class:`Catalog`), ``index.html`` (static,
 every text escaped) and ``thumbs/`` beside it.
@@ -43,6 +49,9 @@ _STOPWORDS = """
     lot lots something someone image picture photo photograph view shows showing shown there's
     who's while"""
 STOPWORDS = frozenset(_STOPWORDS.split())
+# A label word's count among a concept's documents must exceed its expected count by this
+# many binomial standard deviations (chance alone rarely gets there).
+LIFT_SIGMAS = 2.0
 _WORD = re.compile(r"[a-z]+(?:'[a-z]+)?")
 
 
@@ -104,15 +113,20 @@ def words(caption: str) -> list[str]:
 
 
 def label_words(docs: list[str], df: Counter, n_docs: int, top: int = 3) -> list[str]:
-    """The ``top`` most characteristic words of ``docs`` against document frequencies ``df``."""
+    """The ``top`` most characteristic words of ``docs`` against document frequencies ``df``
+    over ``n_docs`` captions: ``p log(p / q)``, for words clearly above their base rate
+    (module docstring)."""
     if not docs:
         return []
     present = Counter(w for doc in docs for w in set(words(doc)))
-    scores = {
-        w: (c / len(docs)) * math.log((1 + n_docs) / (1 + df.get(w, 0))) for w, c in present.items()
-    }
+    scores = {}
+    n = len(docs)
+    for w, c in present.items():
+        q = (1 + df.get(w, 0)) / (1 + n_docs)
+        if c >= n * q + LIFT_SIGMAS * math.sqrt(n * q * (1 - q)):
+            scores[w] = (c / n) * math.log(c / n / q)
     ranked = sorted(scores.items(), key=lambda kv: (-kv[1], kv[0]))
-    return [w for w, s in ranked[:top] if s > 0]
+    return [w for w, _ in ranked[:top]]
 
 
 class TopN:
@@ -174,11 +188,13 @@ def build_catalog(
     pooling: Pooling = "mean",
     concepts: list[int] | None = None,
     label_size: int = 3,
+    label_docs: int = 32,
     sae_name: str = "",
 ) -> Catalog:
-    """Top-N images and captions and a label for every concept that fires (or those asked)."""
-    if top_n < 1:
-        raise ConceptsError(f"top_n must be >= 1, got {top_n}")
+    """Top-N images and captions and a label for every concept that fires (or those asked);
+    the label reads the top ``max(top_n, label_docs)`` of each."""
+    if top_n < 1 or label_docs < 1:
+        raise ConceptsError(f"top_n and label_docs must be >= 1, got {top_n}, {label_docs}")
     records = store_records(store)
     firsts = first_pairs(records)
     n = sae.n_concepts
@@ -186,7 +202,8 @@ def build_catalog(
         bad = [c for c in concepts if not 0 <= c < n]
         if bad:
             raise ConceptsError(f"concepts {bad[:5]} out of range for an SAE with {n} concepts")
-    top = {"vision": TopN(top_n), "text": TopN(top_n)}
+    kept = max(top_n, label_docs)
+    top = {"vision": TopN(kept), "text": TopN(kept)}
     fires = {"vision": torch.zeros(n, dtype=torch.long), "text": torch.zeros(n, dtype=torch.long)}
     for modality in ("vision", "text"):
         for batch in iter_pooled(store, sae, modality, pooling):
@@ -211,8 +228,9 @@ def build_catalog(
     for c in wanted:
         images = [_item(records[p], a) for p, a in groups["vision"].get(c, [])]
         captions = [_item(records[p], a, image=False) for p, a in groups["text"].get(c, [])]
-        docs = [i.caption for i in images] + [i.caption for i in captions]
+        docs = [i.caption for i in images[:label_docs]] + [i.caption for i in captions[:label_docs]]
         chosen = label_words(docs, df, len(records), label_size)
+        images, captions = images[:top_n], captions[:top_n]
         out.append(
             Concept(
                 concept=c,
