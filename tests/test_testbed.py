@@ -30,16 +30,21 @@ def world():
     return build_world(WORLD, seed=3)
 
 
-@pytest.fixture(scope="session")
-def fast_run(tmp_path_factory):
-    """benchmarks/testbed.py --fast on one seed (the only expensive fixture)."""
+def _fast(root: Path) -> dict:
+    """benchmarks/testbed.py --fast on one seed, from an empty cache; its results.json."""
     spec = importlib.util.spec_from_file_location("testbed_bench", ROOT / "benchmarks/testbed.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    root = tmp_path_factory.mktemp("testbed")
     argv = ["--fast", "--seeds", "0", "--out", str(root / "out"), "--cache", str(root / "cache")]
     assert bench.main([*argv, "--quiet"]) == 0
-    return root, json.loads((root / "out" / "results.json").read_text())
+    return json.loads((root / "out" / "results.json").read_text())
+
+
+@pytest.fixture(scope="session")
+def fast_run(tmp_path_factory):
+    """The --fast run (the expensive fixture)."""
+    root = tmp_path_factory.mktemp("testbed")
+    return root, _fast(root)
 
 
 def test_world_is_deterministic_per_seed(world):
@@ -206,3 +211,19 @@ def test_fast_end_to_end_results(fast_run):
     # the validation runs and the test runs read different images
     val_q = (root / "out" / "seed-0" / "val" / "random.jsonl").read_text()
     assert "test_" not in val_q and "val_" in val_q
+
+
+def test_the_whole_experiment_is_deterministic_given_the_seed(fast_run, tmp_path):
+    """A second run in other folders: same model, same SAEs, same choices, same answers."""
+    _, first = fast_run
+    second = _fast(tmp_path)
+    a, b = first["per_seed"][0], second["per_seed"][0]
+    assert a["model"]["sha256"] == b["model"]["sha256"]
+    # (the SAE folders' own hashes differ: their provenance names the run's folders)
+    assert {k: v["weights_sha256"] for k, v in a["sae"].items()} == {
+        k: v["weights_sha256"] for k, v in b["sae"].items()
+    }
+    assert a["chosen"] == b["chosen"] and a["selected"] == b["selected"]
+    for name, run in a["test"].items():
+        assert run["splits"] == b["test"][name]["splits"], name
+        assert run["hallucination"] == b["test"][name]["hallucination"], name

@@ -179,7 +179,14 @@ def run_seed(config: ExperimentConfig, seed: int, out: Path, cache: Path, log=pr
             "training": model.record,
         },
         "sae": {
-            site: {"path": str(d), "sha256": provenance.sha256_dir(d)} for site, d in saes.items()
+            # The folder's hash covers its provenance (paths, speed); the weights' hash is what
+            # the seed decides.
+            site: {
+                "path": str(d),
+                "sha256": provenance.sha256_dir(d),
+                "weights_sha256": provenance.sha256_file(d / "model.safetensors"),
+            }
+            for site, d in saes.items()
         },
         "world": world_summary(world),
         "validation": val,

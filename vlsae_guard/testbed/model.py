@@ -106,9 +106,11 @@ def trained_model(
     shutil.rmtree(partial, ignore_errors=True)
     record = train(world, model, training, partial, log)
     record["cache_key"] = key
+    # The checkpoint (and so its sha256) holds only what the seed decides, not the timing.
+    seconds = record.pop("seconds")
     (partial / "training.json").write_text(json.dumps(record, indent=2) + "\n")
     os.replace(partial, directory)  # atomic: a killed run leaves no half checkpoint behind
-    return TrainedModel(directory, sha256_dir(directory), False, record)
+    return TrainedModel(directory, sha256_dir(directory), False, {**record, "seconds": seconds})
 
 
 def chat_prompt(processor, prompt: str) -> str:
