@@ -227,3 +227,33 @@ def test_the_whole_experiment_is_deterministic_given_the_seed(fast_run, tmp_path
     for name, run in a["test"].items():
         assert run["splits"] == b["test"][name]["splits"], name
         assert run["hallucination"] == b["test"][name]["hallucination"], name
+
+
+def test_ridge_probe_reads_a_linear_signal_and_not_noise():
+    from vlsae_guard.testbed.probe import balanced_accuracy, ridge_scores
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(600, 16, generator=g, dtype=torch.float64)
+    y = x[:, 3] + 0.3 * x[:, 5] > 0.8  # a minority class, linearly separable
+    says = ridge_scores(x[:400], y[:400], x[400:], lam=1e-3) > 0
+    assert balanced_accuracy(says, y[400:]) > 0.8  # least squares on a minority class: < 1
+    noise = torch.rand(600, generator=g) < 0.3
+    says = ridge_scores(x[:400], noise[:400], x[400:], lam=1e-3) > 0
+    assert abs(balanced_accuracy(says, noise[400:]) - 0.5) < 0.1
+    assert (
+        balanced_accuracy(torch.zeros(4, dtype=torch.bool), torch.tensor([1, 0, 0, 0]) > 0) == 0.5
+    )
+
+
+def test_probe_on_the_fast_run_model(fast_run):
+    from vlsae_guard.testbed.probe import probe
+
+    _, results = fast_run
+    config = experiment.ExperimentConfig.fast()
+    world = build_world(config.world, seed=0)
+    out = probe(results["per_seed"][0]["model"]["path"], world, n_images=48)
+    assert set(out["balanced_accuracy"]) == set(config.world.names)
+    assert all(0 <= v <= 1 for v in out["balanced_accuracy"].values())
+    for (a, b), pair in zip(config.world.bias_pairs, out["bias_pairs"].values(), strict=True):
+        broken = [s for s in world.splits["test"] if a in s.present and b not in s.present]
+        assert pair["n_without_b"] == len(broken)

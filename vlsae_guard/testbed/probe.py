@@ -1,0 +1,90 @@
+"""What the image tokens say about each object: linear probes on the projector output.
+
+A planted hallucination ("yes, a kite" on a ball without a kite) can start in the image
+tokens (the evidence that there is no kite is weak, so the learned prior decides) or in the
+language model (the evidence is there, but the prior outweighs it). The projector guard can
+only re-express evidence the image tokens hold, so which of the two happens decides what it
+can do. A ridge probe on the image's mean projector output, trained on fresh *unbiased* images
+of the same world (another seed, never the test images), measures how well each object is
+linearly decodable from what the language model receives; it is then read on the test split,
+in particular on the bias-breaking images.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..backends.inputs import load_for_collection
+from ..collect import SiteReader
+from .world import Scene, World, build_world
+
+PROBE_SEED_OFFSET = 1000  # probe images: the validation split of world seed + this offset
+
+
+def ridge_scores(x_train: Tensor, y_train: Tensor, x_test: Tensor, lam: float) -> Tensor:
+    """Decision scores of a ridge classifier (targets ±1, standardised features, no bias
+    term needed after centring); ``lam`` is the penalty per training example."""
+    mean, std = x_train.mean(0), x_train.std(0) + 1e-6
+    a, b = (x_train - mean) / std, (x_test - mean) / std
+    target = y_train.to(a.dtype) * 2 - 1
+    gram = a.T @ a + lam * len(a) * torch.eye(a.shape[1], dtype=a.dtype)
+    return b @ torch.linalg.solve(gram, a.T @ (target - target.mean())) + target.mean()
+
+
+@torch.inference_mode()
+def pooled_image_tokens(model_dir, scenes: list[Scene], batch_size: int = 64) -> Tensor:
+    """Each scene's projector output, averaged over its image tokens (float64, N x d)."""
+    model, inputs = load_for_collection(str(model_dir))
+    reader = SiteReader(model, inputs, layer=None)
+    out = []
+    for start in range(0, len(scenes), batch_size):
+        batch = scenes[start : start + batch_size]
+        rows = reader([s.image for s in batch], [""] * len(batch), list(range(len(batch))))
+        out += [vision.double().mean(0) for vision, _ in rows]
+    return torch.stack(out)
+
+
+def probe(model_dir, world: World, n_images: int = 1500, lam: float = 0.01) -> dict:
+    """Per object: the probe's balanced test accuracy (objects are in a minority of images,
+    so plain accuracy rewards always saying "no"). Per bias pair (A, B): how often it reads B
+    on test images with A and without B, and on test images with B."""
+    fresh = world.config.model_copy(update={"n_train": 1, "n_val": n_images, "n_test": 1})
+    train = build_world(fresh, world.seed + PROBE_SEED_OFFSET).splits["val"]
+    test = world.splits["test"]
+    x_train = pooled_image_tokens(model_dir, train)
+    x_test = pooled_image_tokens(model_dir, test)
+    says = {}
+    objects = {}
+    for name in world.config.names:
+        y = torch.tensor([name in s.present for s in train])
+        says[name] = ridge_scores(x_train, y, x_test, lam) > 0
+        truth = torch.tensor([name in s.present for s in test])
+        objects[name] = balanced_accuracy(says[name], truth)
+    pairs = {}
+    for a, b in world.config.bias_pairs:
+        broken = [i for i, s in enumerate(test) if a in s.present and b not in s.present]
+        with_b = [i for i, s in enumerate(test) if b in s.present]
+        pairs[f"{a}->{b}"] = {
+            "reads_b_without_b": _share(says[b], broken),
+            "reads_b_with_b": _share(says[b], with_b),
+            "n_without_b": len(broken),
+            "n_with_b": len(with_b),
+        }
+    return {
+        "probe_images": n_images,
+        "lambda": lam,
+        "test_images": len(test),
+        "balanced_accuracy": objects,
+        "bias_pairs": pairs,
+    }
+
+
+def balanced_accuracy(says: Tensor, truth: Tensor) -> float:
+    """Mean of the hit rate on positives and on negatives (0.5: chance)."""
+    rates = [(says[truth == v] == v).double().mean() for v in (True, False) if (truth == v).any()]
+    return float(torch.stack(rates).mean())
+
+
+def _share(flags: Tensor, idx: list[int]) -> float | None:
+    return float(flags[idx].double().mean()) if idx else None
