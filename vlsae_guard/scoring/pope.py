@@ -29,7 +29,7 @@ import numpy as np
 
 from . import stats
 from .files import DataError, data_path, format_ids, read_records, require
-from .stats import mcnemar_exact
+from .stats import mcnemar_exact  # noqa: F401  (part of this module's API: pope.mcnemar_exact)
 
 PROMPTS = {
     "llava": "{question}\nAnswer the question using a single word or phrase.",
@@ -334,11 +334,9 @@ def compare(
     )
     right_a = [p == y for p, y in zip(answers_a, labels, strict=True)]
     right_b = [p == y for p, y in zip(answers_b, labels, strict=True)]
-    result["mcnemar_p"] = mcnemar_exact(right_a, right_b)
-    result["discordant"] = {
-        "a_right_b_wrong": sum(x and not y for x, y in zip(right_a, right_b, strict=True)),
-        "a_wrong_b_right": sum(y and not x for x, y in zip(right_a, right_b, strict=True)),
-    }
+    pairs = stats.discordant(right_a, right_b)
+    result["mcnemar_p"] = stats.mcnemar_p(pairs)
+    result["discordant"] = pairs
     result["flips"] = sum(x != y for x, y in zip(answers_a, answers_b, strict=True))
     result["n"] = len(labels)
     return result

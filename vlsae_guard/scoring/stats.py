@@ -22,15 +22,28 @@ DEFAULT_BOOTSTRAP = 10_000
 _CHUNK = 500
 
 
-def mcnemar_exact(a_correct: Sequence[bool], b_correct: Sequence[bool]) -> float:
-    """Two-sided exact McNemar p-value for paired outcomes of arms A and B."""
-    b = sum(x and not y for x, y in zip(a_correct, b_correct, strict=True))
-    c = sum(y and not x for x, y in zip(a_correct, b_correct, strict=True))
+def discordant(a_correct: Sequence[bool], b_correct: Sequence[bool]) -> dict[str, int]:
+    """McNemar's discordant pairs of arms A and B: the only items its test looks at."""
+    pairs = list(zip(a_correct, b_correct, strict=True))
+    return {
+        "a_right_b_wrong": sum(x and not y for x, y in pairs),
+        "a_wrong_b_right": sum(y and not x for x, y in pairs),
+    }
+
+
+def mcnemar_p(counts: Mapping[str, int]) -> float:
+    """Two-sided exact McNemar p-value from :func:`discordant` counts (summable over runs)."""
+    b, c = counts["a_right_b_wrong"], counts["a_wrong_b_right"]
     n = b + c
     if n == 0:
         return 1.0
     tail = sum(math.comb(n, i) for i in range(min(b, c) + 1)) / 2**n
     return min(1.0, 2 * tail)
+
+
+def mcnemar_exact(a_correct: Sequence[bool], b_correct: Sequence[bool]) -> float:
+    """Two-sided exact McNemar p-value for paired outcomes of arms A and B."""
+    return mcnemar_p(discordant(a_correct, b_correct))
 
 
 def _ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray:

@@ -30,7 +30,7 @@ from ..collect import CollectConfig, collect
 from ..data import JsonlData
 from ..harness import common
 from ..harness import pope as pope_harness
-from ..scoring.stats import mcnemar_exact
+from ..scoring.stats import discordant, mcnemar_p
 from ..train import train
 from ..train_config import AlignConfig, TrainConfig
 from .model import ModelConfig, TrainingConfig, trained_model
@@ -336,16 +336,14 @@ def hallucination(paired: Path) -> dict:
     off = [r["pred_off"] == "yes" for r in rows]
     on = [r["pred_on"] == "yes" for r in rows]
     n = len(rows)
+    # correct = "no"; discordant counts in the harness's a/b naming (a = off, b = on)
+    pairs = discordant([not x for x in off], [not x for x in on])
     return {
         "n": n,
         "off": 100 * sum(off) / n if n else float("nan"),
         "on": 100 * sum(on) / n if n else float("nan"),
-        # correctness = "no"; discordant counts in the harness's a/b naming (a = off, b = on)
-        "discordant": {
-            "a_right_b_wrong": sum(b and not a for a, b in zip(off, on, strict=True)),
-            "a_wrong_b_right": sum(a and not b for a, b in zip(off, on, strict=True)),
-        },
-        "mcnemar_p": mcnemar_exact([not x for x in off], [not x for x in on]),
+        "discordant": pairs,
+        "mcnemar_p": mcnemar_p(pairs),
     }
 
 
@@ -412,11 +410,9 @@ def run(
     }
 
 
-def _pooled_p(discordant: list[dict]) -> float:
+def _pooled_p(counts: list[dict]) -> float:
     """Exact McNemar on discordant pairs summed over seeds (independent worlds and models)."""
-    b = sum(d["a_right_b_wrong"] for d in discordant)
-    c = sum(d["a_wrong_b_right"] for d in discordant)
-    return mcnemar_exact([True] * b + [False] * c, [False] * b + [True] * c)
+    return mcnemar_p({key: sum(c[key] for c in counts) for key in counts[0]})
 
 
 def _mean_sd(values: list[float]) -> dict:
