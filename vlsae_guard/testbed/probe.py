@@ -24,19 +24,18 @@ PROBE_SEED_OFFSET = 1000  # probe images: the validation split of world seed + t
 
 def ridge_scores(x_train: Tensor, y_train: Tensor, x_test: Tensor, lam: float) -> Tensor:
     """Decision scores of a ridge classifier (targets ±1, standardised features, no bias
-    term needed after centring); ``lam`` is the penalty per training example."""
+    term needed after centring); ``lam`` is the penalty per training example. ``y_train``: one
+    label per example (N) or one column per classifier (N x C), all solved at once."""
     mean, std = x_train.mean(0), x_train.std(0) + 1e-6
     a, b = (x_train - mean) / std, (x_test - mean) / std
     target = y_train.to(a.dtype) * 2 - 1
     gram = a.T @ a + lam * len(a) * torch.eye(a.shape[1], dtype=a.dtype)
-    return b @ torch.linalg.solve(gram, a.T @ (target - target.mean())) + target.mean()
+    return b @ torch.linalg.solve(gram, a.T @ (target - target.mean(0))) + target.mean(0)
 
 
 @torch.inference_mode()
-def pooled_image_tokens(model_dir, scenes: list[Scene], batch_size: int = 64) -> Tensor:
+def pooled_image_tokens(reader: SiteReader, scenes: list[Scene], batch_size: int = 64) -> Tensor:
     """Each scene's projector output, averaged over its image tokens (float64, N x d)."""
-    model, inputs = load_for_collection(str(model_dir))
-    reader = SiteReader(model, inputs, layer=None)
     out = []
     for start in range(0, len(scenes), batch_size):
         batch = scenes[start : start + batch_size]
@@ -52,15 +51,17 @@ def probe(model_dir, world: World, n_images: int = 1500, lam: float = 0.01) -> d
     fresh = world.config.model_copy(update={"n_train": 1, "n_val": n_images, "n_test": 1})
     train = build_world(fresh, world.seed + PROBE_SEED_OFFSET).splits["val"]
     test = world.splits["test"]
-    x_train = pooled_image_tokens(model_dir, train)
-    x_test = pooled_image_tokens(model_dir, test)
-    says = {}
-    objects = {}
-    for name in world.config.names:
-        y = torch.tensor([name in s.present for s in train])
-        says[name] = ridge_scores(x_train, y, x_test, lam) > 0
-        truth = torch.tensor([name in s.present for s in test])
-        objects[name] = balanced_accuracy(says[name], truth)
+    reader = SiteReader(*load_for_collection(str(model_dir)), layer=None)
+    x_train = pooled_image_tokens(reader, train)
+    x_test = pooled_image_tokens(reader, test)
+    names = world.config.names
+    labels = torch.tensor([[name in s.present for name in names] for s in train])
+    reads = ridge_scores(x_train, labels, x_test, lam) > 0  # (test images, objects)
+    says = dict(zip(names, reads.T, strict=True))
+    objects = {
+        name: balanced_accuracy(says[name], torch.tensor([name in s.present for s in test]))
+        for name in names
+    }
     pairs = {}
     for a, b in world.config.bias_pairs:
         broken = [i for i, s in enumerate(test) if a in s.present and b not in s.present]
