@@ -24,6 +24,8 @@ def main(argv: list[str] | None = None) -> int:
     def body() -> int:
         results = harness.run(args)
         print(harness.finish(results, args.out))
+        for warning in results["warnings"]:
+            print(f"WARNING: {warning}", file=sys.stderr)
         print(f"\n{harness.NOTES}\nwrote {args.out}/results.json, results.md, results.png")
         return 0
 

@@ -28,6 +28,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         results = harness.run(args)
         print(harness.finish(results, args.out, "POPE: guard off vs on"))
+        for warning in results["warnings"]:
+            print(f"WARNING: {warning}", file=sys.stderr)
         print(f"\n{harness.NOTES}\nwrote {args.out}/results.json, results.md, results.png")
         return 0
 

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
+from vlsae_guard import outputs
 from vlsae_guard.harness import common
 from vlsae_guard.testbed import experiment
 
@@ -58,9 +59,8 @@ def main(argv: list[str] | None = None) -> int:
             *(argv if argv is not None else sys.argv[1:]),
         ]
         text = experiment.report(results)
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-        (args.out / "results.md").write_text(text + "\n")
+        outputs.write_text(args.out / "results.json", json.dumps(results, indent=2) + "\n")
+        outputs.write_text(args.out / "results.md", text + "\n")
         print(text)
         print(f"\nwrote {args.out / 'results.json'} and results.md")
         return 0

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from vlsae_guard import provenance
+from vlsae_guard import outputs, provenance
 from vlsae_guard.harness import common
 from vlsae_guard.testbed.probe import probe
 from vlsae_guard.testbed.world import WorldConfig, build_world
@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
             seeds.append({"seed": seed, "model_sha256": record["model"]["sha256"],
                           "model_hallucination_off": off[0], **result})  # fmt: skip
         out = {"run": str(args.run), "seeds": seeds, "environment": provenance.environment()}
-        (args.run / "probe.json").write_text(json.dumps(out, indent=2) + "\n")
+        outputs.write_text(args.run / "probe.json", json.dumps(out, indent=2) + "\n")
         print(table(seeds))
         print(f"\nwrote {args.run / 'probe.json'}")
         return 0

@@ -54,7 +54,9 @@ def test_chair_ab_run(coco, tiny_hf_dir, tmp_path):
         expected = chair.metrics(
             chair.score_captions([(r["image_id"], r["caption"]) for r in rows], gt)
         )
+        empty = saved[arm].pop("empty")
         assert saved[arm] == pytest.approx(expected)
+        assert empty == sum(not r["caption"].strip() for r in rows)
         details = (tmp_path / f"chair_details_guard-{arm}.jsonl").read_text().splitlines()
         assert len(details) == 3
     comparison = saved["comparison"]

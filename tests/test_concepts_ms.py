@@ -177,7 +177,8 @@ def test_ms_cli_prints_distribution_histogram_and_baseline(concepts_env, tmp_pat
 
 def test_ms_cli_rejects_mismatched_embeddings(concepts_env, tmp_path, capsys):  # noqa: F811
     env = concepts_env
-    argv = ["ms", "--sae", str(env.sae), "--store", str(env.store), "--out", str(tmp_path)]
+    out = tmp_path / "out"
+    argv = ["ms", "--sae", str(env.sae), "--store", str(env.store), "--out", str(out)]
     cases = {
         "short.safetensors": dict(key=None, n=env.n_images - 1),
         "missing.safetensors": dict(key="images", n=env.n_images - 2),

@@ -19,6 +19,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from .config import AuxConfig, SAEConfig
+from .outputs import refuse_non_empty, write_text, write_with
 from .sae import SparseAutoencoder, build
 
 CONFIG_NAME = "config.json"
@@ -37,12 +38,12 @@ class CheckpointError(ValueError):
 def save(sae: SparseAutoencoder, directory: str | os.PathLike) -> Path:
     """Write ``config.json`` and the safetensors files; returns the directory."""
     out = Path(directory)
-    out.mkdir(parents=True, exist_ok=True)
     state = {k: v for k, v in sae.state_dict().items() if not k.startswith("aux.")}
-    save_file(_contiguous(state), out / WEIGHTS_NAME)
+    write_with(out / WEIGHTS_NAME, lambda tmp: save_file(_contiguous(state), tmp))
     if sae.aux is not None:
-        save_file(_contiguous(sae.aux.state_dict()), out / AUX_WEIGHTS_NAME)
-    (out / CONFIG_NAME).write_text(sae.config.model_dump_json(indent=2) + "\n")
+        aux = _contiguous(sae.aux.state_dict())
+        write_with(out / AUX_WEIGHTS_NAME, lambda tmp: save_file(aux, tmp))
+    write_text(out / CONFIG_NAME, sae.config.model_dump_json(indent=2) + "\n")
     return out
 
 
@@ -207,6 +208,11 @@ def check_state(
         raise CheckpointError(f"{file}: weights do not match the config\n" + "\n".join(problems))
 
 
+def check_module(module: torch.nn.Module, where: str) -> None:
+    """The checks a load applies (floating point, finite), for weights built in memory."""
+    check_state(module.state_dict(), _shapes(module), where)
+
+
 def _looks_pickled(file: Path) -> bool:
     with open(file, "rb") as f:
         head = f.read(4)
@@ -262,8 +268,13 @@ def import_official(
     aux_file: str | os.PathLike | None = None,
     k: int = OFFICIAL_TOPK,
     source: dict | None = None,
+    overwrite: bool = False,
 ) -> SparseAutoencoder:
-    """Convert the paper's ``.pth`` (+ auxiliary ``.pt``) into a validated checkpoint directory."""
+    """Convert the paper's ``.pth`` (+ auxiliary ``.pt``) into a validated checkpoint directory.
+
+    A non-empty ``out_dir`` is refused unless ``overwrite``: it may hold another checkpoint.
+    """
+    refuse_non_empty(out_dir, overwrite)
     sae_file = Path(sae_file)
     state = _torch_load(sae_file)
     architecture = next(

@@ -28,6 +28,7 @@ from pydantic import (
 )
 
 from . import __version__
+from .backends import UnsupportedModelError
 from .checkpoint import (
     CONFIG_NAME,
     OFFICIAL_TOPK,
@@ -40,6 +41,7 @@ from .checkpoint import (
 )
 from .config import SAEConfig, Source
 from .harness.common import BenchmarkError
+from .outputs import check_writable, refuse_non_empty, write_text
 from .scoring.files import DataError
 
 PROG = "vlsae-guard"
@@ -108,7 +110,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.handler(args)
     except ValidationError as e:
         return _fail(args.command, f"invalid settings\n{describe_validation_error(e)}")
-    except (CheckpointError, UsageError, OSError, DataError, BenchmarkError) as e:
+    except (
+        CheckpointError,
+        UsageError,
+        OSError,
+        DataError,
+        BenchmarkError,
+        UnsupportedModelError,
+    ) as e:
         return _fail(args.command, str(e))
     return 0
 
@@ -184,6 +193,7 @@ class ImportOfficialArgs(BaseModel):
         help="where the representations were read (default: not recorded)",
     ),
     arg("--layer", type=int, help="layer index (implies --site layer)"),
+    arg("--overwrite", action="store_true", help="replace what a non-empty --out holds"),
 )
 def import_official_command(args: argparse.Namespace) -> None:
     """Convert the checkpoints released with the VL-SAE paper into config.json + safetensors.
@@ -203,7 +213,12 @@ def import_official_command(args: argparse.Namespace) -> None:
         layer=args.layer,
     )
     sae = import_official(
-        opts.sae, opts.out, aux_file=opts.aux, k=opts.topk, source=source.model_dump()
+        opts.sae,
+        opts.out,
+        aux_file=opts.aux,
+        k=opts.topk,
+        source=source.model_dump(),
+        overwrite=args.overwrite,
     )
     print(summary(sae.config, opts.out))
 
@@ -322,6 +337,11 @@ def score_pope_command(args: argparse.Namespace) -> None:
     print(report.text_table(rows))
     unanswered = sum(v["unanswered"] for v in splits.values())
     print(f"\nparser: {result['parser']}" + (f"; {unanswered} unanswered" if unanswered else ""))
+    empty = sum(v["empty"] for v in splits.values())
+    if empty:
+        print(
+            f"WARNING: {empty} answers are empty: {pope.EMPTY_MEANS[args.strict]}", file=sys.stderr
+        )
     _write_json(args.out, result)
 
 
@@ -367,14 +387,13 @@ def score_chair_command(args: argparse.Namespace) -> None:
         f"{result['ground_truth']['kind']} ({result['ground_truth']['path']})"
     )
     if args.details:
-        args.details.write_text("".join(json.dumps(s.to_json()) + "\n" for s in scores))
+        write_text(args.details, "".join(json.dumps(s.to_json()) + "\n" for s in scores))
     _write_json(args.out, result)
 
 
 def _write_json(path: Path | None, result: dict) -> None:
     if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(result, indent=2) + "\n")
+        write_text(path, json.dumps(result, indent=2) + "\n")
         print(f"wrote {path}")
 
 
@@ -763,6 +782,7 @@ def _open_image(path: Path):
         help="top images and captions whose captions the label reads (default 32)",
     ),
     arg("--image-root", type=Path, metavar="DIR", help="base of relative image paths"),
+    arg("--overwrite", action="store_true", help="replace what a non-empty --out holds"),
 )
 def catalog_command(args: argparse.Namespace) -> None:
     """Encode every image and caption of a store with the SAE, keep each concept's N strongest
@@ -781,6 +801,8 @@ def catalog_command(args: argparse.Namespace) -> None:
         label_docs=args.label_docs,
         image_root=args.image_root,
     )
+    refuse_non_empty(opts.out, args.overwrite)
+    check_writable(opts.out)
     with _concepts_usage():
         sae = load(args.sae).eval()
         catalog = build_catalog(
@@ -818,6 +840,7 @@ def catalog_command(args: argparse.Namespace) -> None:
     arg("--out", type=Path, default=Path("runs/ms"), help="output folder (default runs/ms)"),
     arg("--bins", type=int, default=50, help="histogram bins (default 50)"),
     arg("--no-baseline", action="store_true", help="skip the raw-neuron baseline"),
+    arg("--overwrite", action="store_true", help="replace what a non-empty --out holds"),
 )
 def ms_command(args: argparse.Namespace) -> None:
     """MS_k = sum_{n<m} a_n a_m s_nm / sum_{n<m} a_n a_m (activations min-max normalised per
@@ -835,6 +858,8 @@ def ms_command(args: argparse.Namespace) -> None:
         out=args.out,
         bins=args.bins,
     )
+    refuse_non_empty(opts.out, args.overwrite)
+    check_writable(opts.out)
     with _concepts_usage():
         sae = load(args.sae).eval()
         result = store_monosemanticity(

@@ -11,6 +11,7 @@ import json
 
 from pydantic import ValidationError
 
+from .checkpoint import describe_validation_error
 from .intervention import GuardConfig
 
 
@@ -45,12 +46,40 @@ def settings_from_args(args: argparse.Namespace, prefix: str = "vlsae-") -> Guar
     fields = ("mode", "method", "alpha", "text_grounded", "layer", "steer")
     given = {f: ns.get(f"{attr}{f}") for f in fields}
     given = {f: v for f, v in given.items() if v is not None}
+    names = {f: f"--{prefix}{f.replace('_', '-')}" for f in fields}
+    names[""] = f"--{prefix}*"
     try:
         if "steer" in given:
-            given["steer"] = {int(k): float(v) for k, v in json.loads(given["steer"]).items()}
+            given["steer"] = parse_steer(given["steer"], names["steer"])
+            names.update({f"steer.{c}": f"{names['steer']} concept {c}" for c in given["steer"]})
         return GuardConfig(**given)
-    except (ValidationError, ValueError) as e:
+    except ValidationError as e:
+        raise SystemExit(
+            f"invalid --{prefix}* settings\n{describe_validation_error(e, names)}"
+        ) from e
+    except ValueError as e:
         raise SystemExit(f"invalid --{prefix}* settings: {e}") from e
+
+
+def parse_steer(text: str, flag: str) -> dict[int, float]:
+    """``'{"12": 1.5}'`` -> ``{12: 1.5}``; anything else says that a JSON object is expected."""
+    expected = f"{flag}: expected a JSON object of concept index -> value, e.g. '{{\"12\": 1.5}}'"
+    try:
+        data = json.loads(text)
+    except ValueError:
+        raise ValueError(f"{expected}, found {text!r} (not JSON)") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{expected}, found {text!r}")
+    steer = {}
+    for key, value in data.items():
+        if (
+            not key.strip().isdigit()
+            or isinstance(value, bool)
+            or not isinstance(value, int | float)
+        ):
+            raise ValueError(f"{expected}, found the entry {key!r}: {value!r}")
+        steer[int(key)] = float(value)
+    return steer
 
 
 def guard_from_args(model, args: argparse.Namespace, prefix: str = "vlsae-"):

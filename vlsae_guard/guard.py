@@ -18,7 +18,7 @@ from pydantic import ValidationError
 from torch import Tensor, nn
 
 from .backends import Backend, Prompt, detect
-from .checkpoint import load
+from .checkpoint import CheckpointError, check_module, load
 from .intervention import GuardConfig, ProjectorIntervention
 from .paper import FusionProcessor, PaperIntervention, PaperState
 from .sae import SparseAutoencoder
@@ -227,7 +227,12 @@ def guard(
             "before guarding it again"
         )
     backend = detect(model)
-    if not isinstance(sae, SparseAutoencoder):
+    if isinstance(sae, SparseAutoencoder):
+        try:  # a checkpoint on disk is checked when it is loaded; one built here is not
+            check_module(sae, f"the {type(sae).__name__} given to guard()")
+        except CheckpointError as e:
+            raise GuardError(str(e)) from e
+    else:
         sae = load(sae)
     _check_compatible(backend, sae, config)
     device = next(backend.projector().parameters()).device

@@ -16,11 +16,19 @@ from torch import Tensor
 
 from .sae import Codes, SparseAutoencoder
 
+# |steer value| bound: concept activations of real SAEs are O(1-100); the bound keeps a typo
+# (1e308) from overflowing to inf in the SAE's dtype and emptying every answer.
+MAX_STEER = 1e4
+
 
 class GuardConfig(BaseModel):
-    """Guard settings, validated before anything touches the model."""
+    """Guard settings, validated before anything touches the model.
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    Every number must be finite (NaN and inf are refused on every path: Python, flags, serving)
+    and within the range its field states.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     mode: Literal["projector", "paper"] = "projector"
     # Strength; by mode: projector 0.5, paper 0.8 (the paper's POPE setting; 0.7 for CHAIR).
@@ -33,7 +41,7 @@ class GuardConfig(BaseModel):
     text_grounded: bool = False
     # Override the checkpoint's shared-concept set.
     shared_concepts: list[int] | None = None
-    # Clamp concepts on the vision tokens: {concept index: activation value}.
+    # Clamp concepts on the vision tokens: {concept index: activation value in +-MAX_STEER}.
     steer: dict[int, float] = Field(default_factory=dict)
 
     # -- paper mode (decoder layer L, the VL-SAE paper's inference) ---------------------------
@@ -54,9 +62,16 @@ class GuardConfig(BaseModel):
 
     @model_validator(mode="after")
     def _check_mode(self) -> GuardConfig:
-        bad = [c for c in self.steer if c < 0]
-        if bad:
-            raise ValueError(f"steer: concept indices must be >= 0, got {bad}")
+        for name, ids in (("steer", list(self.steer)), ("shared_concepts", self.shared_concepts)):
+            bad = [c for c in ids or () if c < 0]
+            if bad:
+                raise ValueError(f"{name}: concept indices must be >= 0, got {bad[:5]}")
+        big = {c: v for c, v in self.steer.items() if abs(v) > MAX_STEER}
+        if big:
+            raise ValueError(
+                f"steer: values must be within +-{MAX_STEER:g} (concept activations), got "
+                f"{dict(list(big.items())[:5])}"
+            )
         if self.mode == "paper":
             if self.layer is None:
                 raise ValueError("mode 'paper' needs layer=L (the decoder layer to hook)")

@@ -31,6 +31,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from .checkpoint import describe_validation_error
+from .outputs import write_text, write_with
 
 log = logging.getLogger(__name__)
 FORMAT = "vlsae-guard/activations"
@@ -151,12 +152,6 @@ def read_manifest(directory: str | os.PathLike) -> Manifest:
         raise StoreError(f"{file}: invalid manifest\n{describe_validation_error(e)}") from e
 
 
-def _write_json(file: Path, text: str) -> None:
-    tmp = file.with_name(file.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, file)
-
-
 class StoreWriter:
     """Creates or resumes a store; each rank writes the shards it owns."""
 
@@ -190,7 +185,7 @@ class StoreWriter:
         else:
             (root / SHARD_DIR).mkdir(parents=True, exist_ok=True)
             manifest = Manifest(**header.model_dump())
-            _write_json(root / MANIFEST, manifest.model_dump_json(indent=2) + "\n")
+            write_text(root / MANIFEST, manifest.model_dump_json(indent=2) + "\n")
         return cls(root, header)
 
     def path(self, index: int) -> Path:
@@ -236,12 +231,8 @@ class StoreWriter:
             "pairs": json.dumps(pairs),
             "skipped": json.dumps(skipped),
         }
-        final = self.path(index)
-        tmp = final.with_name(final.name + ".tmp")
-        save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, final)
+        tensors = {k: v.contiguous().cpu() for k, v in tensors.items()}
+        write_with(self.path(index), lambda tmp: _save_synced(tensors, tmp, metadata))
 
     def finalize(self) -> Manifest:
         """Rebuild the manifest from the shard files present; complete when none is missing."""
@@ -270,7 +261,7 @@ class StoreWriter:
             shards=shards,
             skipped=skipped,
         )
-        _write_json(self.directory / MANIFEST, manifest.model_dump_json(indent=2) + "\n")
+        write_text(self.directory / MANIFEST, manifest.model_dump_json(indent=2) + "\n")
         return manifest
 
 
@@ -344,3 +335,10 @@ class ActivationStore:
                     if record["index"] == pair_index:
                         return record
         raise KeyError(f"pair {pair_index} is not in {self.directory}")
+
+
+def _save_synced(tensors: dict[str, Tensor], file: Path, metadata: dict[str, str]) -> None:
+    """A shard on disk (synced) before it is renamed into place and counted as done."""
+    save_file(tensors, file, metadata=metadata)
+    with open(file, "rb") as f:
+        os.fsync(f.fileno())

@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import nullcontext
@@ -34,6 +33,7 @@ from torch import Tensor, nn
 from .checkpoint import load, save
 from .config import AuxConfig, SAEConfig, Source
 from .distributed import Dist
+from .outputs import write_text, write_with
 from .provenance import environment
 from .sae import AuxiliaryAE, SparseAutoencoder, build
 from .store import MANIFEST, ActivationStore
@@ -380,9 +380,7 @@ class Trainer:
             "progress": progress.__dict__,
             **{name: obj.state_dict() for name, obj in modules.items()},
         }
-        tmp = self.out / (STATE + ".tmp")
-        torch.save(state, tmp)
-        os.replace(tmp, self.out / STATE)
+        write_with(self.out / STATE, lambda tmp: torch.save(state, tmp))
 
     # -- public -------------------------------------------------------------------------------
 
@@ -684,10 +682,13 @@ class Trainer:
         sae = sae.with_config(shared_concepts=shared, stats=stats)
         if self.dist.is_main:
             save(sae, self.out)
-            save_file(
-                {"vision": freq["vision"], "text": freq["text"]},
+            write_with(
                 self.out / FREQUENCIES,
-                metadata={"threshold": str(self.config.shared_threshold)},
+                lambda tmp: save_file(
+                    {"vision": freq["vision"], "text": freq["text"]},
+                    tmp,
+                    metadata={"threshold": str(self.config.shared_threshold)},
+                ),
             )
             self._write_history(done=True)
             self._save_state("done", {}, self.progress)
@@ -844,9 +845,7 @@ class Trainer:
             "best_epoch": self.progress.best_epoch + 1,
             "environment": self.environment,
         }
-        tmp = self.out / (HISTORY + ".tmp")
-        tmp.write_text(json.dumps(record, indent=2) + "\n")
-        os.replace(tmp, self.out / HISTORY)
+        write_text(self.out / HISTORY, json.dumps(record, indent=2) + "\n")
 
 
 class _Stateful:

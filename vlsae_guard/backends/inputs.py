@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
+
+from .base import UnsupportedModelError
 
 LLAVA_1_5_TEMPLATE = "USER: <image>\n{caption} ASSISTANT:"
 
@@ -137,6 +139,27 @@ def is_original_llava(config: dict[str, Any]) -> bool:
     )
 
 
+# transformers' LLaVA classes the guard attaches to, by architecture and by model_type.
+HF_ARCHITECTURES = ("LlavaForConditionalGeneration", "LlavaNextForConditionalGeneration")
+HF_MODEL_TYPES = ("llava", "llava_next")
+Family = Literal["hf", "llava"]
+
+
+def checkpoint_family(config: dict[str, Any], where: str) -> Family:
+    """``"hf"`` (llava-hf layout) or ``"llava"`` (the original package) from ``config.json``,
+    read before any weights load; any other model is an :class:`UnsupportedModelError`."""
+    if is_original_llava(config):
+        return "llava"
+    archs = config.get("architectures") or []
+    if any(a in HF_ARCHITECTURES for a in archs) or config.get("model_type") in HF_MODEL_TYPES:
+        return "hf"
+    raise UnsupportedModelError(
+        f"{where}: architectures {archs} (model_type {config.get('model_type')!r}): expected a "
+        f"LLaVA-family checkpoint ({', '.join(HF_ARCHITECTURES)}, or the original llava "
+        "package's LlavaLlamaForCausalLM)"
+    )
+
+
 def load_for_collection(
     model_id: str,
     dtype: torch.dtype = torch.float32,
@@ -144,7 +167,7 @@ def load_for_collection(
     conv_mode: str = "llava_v1",
 ) -> tuple[nn.Module, Inputs]:
     """(model in eval mode on ``device``/``dtype``, its :class:`Inputs`)."""
-    if is_original_llava(read_model_config(model_id)):
+    if checkpoint_family(read_model_config(model_id), f"{model_id}/config.json") == "llava":
         from transformers import AutoTokenizer
 
         from ._llava_compat import ensure_llava_importable

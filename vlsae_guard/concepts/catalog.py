@@ -24,6 +24,7 @@ import html
 import math
 import re
 from collections import Counter
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
@@ -32,6 +33,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from torch import Tensor
 
 from ..checkpoint import describe_validation_error
+from ..outputs import write_text, write_with
 from ..sae import SparseAutoencoder
 from ..store import ActivationStore
 from .pooled import ConceptsError, Pooling, iter_pooled
@@ -282,7 +284,7 @@ def write_thumbnails(catalog: Catalog, out: Path, image_root: Path | None = None
                         with Image.open(path) as img:
                             img = img.convert("RGB")
                             img.thumbnail((THUMB_SIZE, THUMB_SIZE))
-                            img.save(out / name, quality=85)
+                            write_with(out / name, partial(img.save, quality=85))
                         done[item.image] = name
                     except (OSError, UnidentifiedImageError):
                         pass
@@ -303,8 +305,8 @@ def write_catalog(catalog: Catalog, out: Path, image_root: Path | None = None) -
     """``out/catalog.json``, ``out/index.html`` and ``out/thumbs/``; returns what was written."""
     out.mkdir(parents=True, exist_ok=True)
     thumbs = write_thumbnails(catalog, out, image_root)
-    (out / "catalog.json").write_text(catalog.model_dump_json(indent=1) + "\n")
-    (out / "index.html").write_text(render_html(catalog))
+    write_text(out / "catalog.json", catalog.model_dump_json(indent=1) + "\n")
+    write_text(out / "index.html", render_html(catalog))
     return {"json": out / "catalog.json", "html": out / "index.html", "thumbnails": thumbs}
 
 

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..outputs import write_with
 from ..sae import SparseAutoencoder
 from ..store import ActivationStore
 from .catalog import first_pairs, store_records
@@ -176,7 +177,6 @@ def histogram(result: MSResult, out: Path, bins: int = 50) -> Path:
     ax.set_title(f"MS over {result.images} images")
     ax.legend()
     fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=100)
+    write_with(out, lambda tmp: fig.savefig(tmp, dpi=100))
     plt.close(fig)
     return out

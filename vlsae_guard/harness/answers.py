@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from collections.abc import Iterable
 from pathlib import Path
 
+from ..outputs import write_text
 from ..scoring.files import DataError
 
 
@@ -54,6 +56,7 @@ class AnswerLog:
         data = self.path.read_bytes()
         lines = data.split(b"\n")
         tail = lines.pop()  # after the last newline: b"" if the file ends cleanly
+        seen: dict[str, int] = {}  # key -> line of its first answer
         for number, raw in enumerate(lines, start=1):
             if not raw.strip():
                 continue
@@ -61,18 +64,40 @@ class AnswerLog:
                 record = json.loads(raw)
             except json.JSONDecodeError as e:
                 raise DataError(f"{self.path}:{number}: not valid JSON ({e.msg})") from e
-            if not isinstance(record, dict) or self.key not in record:
-                raise DataError(f"{self.path}:{number}: not an answer record (no {self.key!r})")
-            self.records[str(record[self.key])] = record
+            self._add(record, number, seen)
         if tail.strip():
             try:  # a complete last record that only lacks its newline is kept
                 record = json.loads(tail)
-                self.records[str(record[self.key])] = record
-                with open(self.path, "ab") as f:
-                    f.write(b"\n")
             except json.JSONDecodeError:  # cut off mid-write by a kill: drop it
                 with open(self.path, "r+b") as f:
                     f.truncate(len(data) - len(tail))
+            else:
+                self._add(record, len(lines) + 1, seen)
+                with open(self.path, "ab") as f:
+                    f.write(b"\n")
+
+    def _add(self, record: object, number: int, seen: dict[str, int]) -> None:
+        """Keep one answer per key: an identical repeat (a retried write) is collapsed with a
+        warning; a different answer to the same key is refused, as ``score`` refuses it."""
+        if not isinstance(record, dict) or self.key not in record:
+            raise DataError(f"{self.path}:{number}: not an answer record (no {self.key!r})")
+        key = str(record[self.key])
+        if key in self.records:
+            first = seen[key]
+            if record != self.records[key]:
+                raise DataError(
+                    f"{self.path}:{number}: {self.key} {key} was already answered differently on "
+                    f"line {first} ({self.path}:{first}); remove one of the two lines or use "
+                    "another --out directory"
+                )
+            warnings.warn(
+                f"{self.path}:{number}: repeats the answer of line {first} for {self.key} {key} "
+                "word for word; counted once",
+                stacklevel=2,
+            )
+            return
+        seen[key] = number
+        self.records[key] = record
 
     def done(self, key) -> bool:
         return str(key) in self.records
@@ -80,8 +105,7 @@ class AnswerLog:
     def append(self, records: Iterable[dict]) -> None:
         """Write records durably (flushed and synced) before the next batch starts."""
         if not self.settings_path.exists():
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self.settings_path.write_text(json.dumps(self.settings, indent=2, sort_keys=True))
+            write_text(self.settings_path, json.dumps(self.settings, indent=2, sort_keys=True))
         lines = []
         for record in records:
             self.records[str(record[self.key])] = record

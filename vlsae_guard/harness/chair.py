@@ -7,6 +7,7 @@ import json
 import time
 from pathlib import Path
 
+from .. import outputs
 from ..scoring import chair, report
 from ..scoring.files import DataError
 from . import common
@@ -88,15 +89,23 @@ def run(args: argparse.Namespace, progress: bool = True) -> dict:
     common.generate(args, setup, jobs, "caption", progress)
     seconds = time.perf_counter() - started
 
-    scores = {}
+    scores, empty = {}, {}
     for job in jobs:
         captions = [(int(it.key), job.log.records[it.key]["caption"]) for it in job.items]
         scores[job.arm] = chair.score_captions(captions, gt)
+        empty[job.arm] = sum(not caption.strip() for _, caption in captions)
         details = args.out / f"chair_details_guard-{job.arm}.jsonl"
-        details.write_text("".join(json.dumps(s.to_json()) + "\n" for s in scores[job.arm]))
+        outputs.write_text(
+            details, "".join(json.dumps(s.to_json()) + "\n" for s in scores[job.arm])
+        )
     results: dict = {"benchmark": "chair", "arms": list(arms), "images": len(ids)}
     for arm in arms:
-        results[arm] = chair.metrics(scores[arm])
+        results[arm] = {**chair.metrics(scores[arm]), "empty": empty[arm]}
+    results["warnings"] = common.empty_warnings(
+        {f"guard {arm}": empty[arm] for arm in arms},
+        "captions",
+        "an empty caption mentions no object, so it lowers CHAIR without describing the image",
+    )
     if len(arms) == 2:
         results["comparison"] = chair.compare(
             scores["off"], scores["on"], args.bootstrap, args.seed
@@ -131,4 +140,5 @@ NOTES = (
 
 
 def finish(results: dict, out: Path) -> str:
-    return common.write_outputs(out, results, rows(results), "CHAIR: guard off vs on", [NOTES])
+    notes = [NOTES, *(f"WARNING: {w}" for w in results["warnings"])]
+    return common.write_outputs(out, results, rows(results), "CHAIR: guard off vs on", notes)

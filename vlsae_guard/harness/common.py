@@ -23,7 +23,9 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from .. import provenance
+from .. import outputs, provenance
+from ..backends import UnsupportedModelError
+from ..backends.inputs import checkpoint_family, read_model_config
 from ..flags import add_guard_flags, settings_from_args
 from ..intervention import GuardConfig
 from ..scoring import report
@@ -122,7 +124,8 @@ def arms(args: argparse.Namespace) -> tuple[str, ...]:
 
 
 def check_args(args: argparse.Namespace) -> None:
-    """Refuse flag combinations that cannot run; fills in the backend's prompt format."""
+    """Refuse flag combinations that cannot run (then an --out that cannot be written); fills
+    in the backend's prompt format."""
     openai = args.backend == "openai"
     if args.model is None and not openai:
         raise BenchmarkError("--model is required (or --demo)")
@@ -165,6 +168,7 @@ def check_args(args: argparse.Namespace) -> None:
                 "(vLLM caches projector outputs per image); use --backend hf for paper mode "
                 "or --vlsae-text-grounded"
             )
+    outputs.check_writable(args.out)  # before hashing and loading: a late failure loses a batch
 
 
 def resolve_model(model: str) -> Path:
@@ -186,6 +190,18 @@ def resolve_model(model: str) -> Path:
         raise DataError(
             f"--model {model}: no such directory, and not available from the Hub ({e})"
         ) from e
+
+
+def check_family(backend: str, model_dir: Path) -> None:
+    """Refuse, from config.json and before loading, a model this backend cannot guard."""
+    family = checkpoint_family(read_model_config(str(model_dir)), f"{model_dir}/config.json")
+    wanted = "llava" if backend == "llava" else "hf"
+    if family != wanted:
+        hint = {
+            "llava": "an original-LLaVA checkpoint (LlavaLlamaForCausalLM): use --backend llava",
+            "hf": "a transformers (llava-hf) checkpoint: use --backend hf or vllm",
+        }[family]
+        raise UnsupportedModelError(f"--backend {backend}: {model_dir} is {hint}")
 
 
 @dataclass(frozen=True)
@@ -276,6 +292,7 @@ def setup(args: argparse.Namespace) -> Setup:
         }
     else:
         model_dir = resolve_model(args.model)
+        check_family(args.backend, model_dir)
         if args.backend == "vllm":
             options = {"engine_args": args.engine_args}
     sae_dir = sae_sha = None
@@ -301,9 +318,7 @@ def check_images(jobs: Sequence[Job], out: Path) -> None:
     missing = sorted(str(p) for p in needed if not p.is_file())
     if not missing:
         return
-    out.mkdir(parents=True, exist_ok=True)
-    listing = out / "missing_images.txt"
-    listing.write_text("\n".join(missing) + "\n")
+    listing = outputs.write_text(out / "missing_images.txt", "\n".join(missing) + "\n")
     shown = "\n  ".join(missing[:20])
     more = f"\n  ... and {len(missing) - 20} more" if len(missing) > 20 else ""
     raise DataError(
@@ -405,11 +420,12 @@ def write_outputs(
     out: Path, results: dict, rows: Sequence[report.Row], title: str, notes: Sequence[str] = ()
 ) -> str:
     """results.json, results.md and results.png; returns the terminal table."""
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(results, indent=2, default=_jsonable) + "\n")
+    outputs.write_text(
+        out / "results.json", json.dumps(results, indent=2, default=_jsonable) + "\n"
+    )
     md = [f"# {title}", "", report.markdown_table(rows), ""]
     md += [f"{n}\n" for n in notes]
-    (out / "results.md").write_text("\n".join(md))
+    outputs.write_text(out / "results.md", "\n".join(md))
     report.plot(rows, out / "results.png", title)
     return report.text_table(rows)
 
@@ -422,6 +438,11 @@ def _jsonable(x):
     if isinstance(x, os.PathLike):
         return str(x)
     raise TypeError(f"not JSON serializable: {type(x).__name__}")
+
+
+def empty_warnings(counts: dict[str, int], what: str, meaning: str) -> list[str]:
+    """One warning per place (split and arm) where the model produced empty outputs."""
+    return [f"{n} {what} empty ({where}): {meaning}" for where, n in counts.items() if n]
 
 
 def answers_dir(out: Path, arm: str) -> Path:
@@ -440,6 +461,7 @@ def fail(prog: str, error: Exception) -> int:
 EXPECTED_ERRORS: tuple[type[Exception], ...] = (
     DataError,
     BenchmarkError,
+    UnsupportedModelError,
     generation.BackendUnavailable,
     generation.GenerationError,
     OSError,

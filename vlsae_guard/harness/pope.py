@@ -8,6 +8,7 @@ import json
 import time
 from pathlib import Path
 
+from .. import outputs
 from ..scoring import pope, report
 from ..scoring.files import DataError
 from . import common
@@ -122,8 +123,7 @@ def score(args, setup, sets, jobs, arms, seconds: float) -> dict:
         for qs in sets:  # the per-question paired outcomes McNemar's test is computed on
             rows = zip(qs.questions, texts["off", qs.name], texts["on", qs.name], strict=True)
             paired = args.out / "paired" / f"{common.safe_name(qs.name)}.jsonl"
-            paired.parent.mkdir(parents=True, exist_ok=True)
-            with open(paired, "w") as f:
+            with outputs.replacing(paired) as f:
                 for q, off, on in rows:
                     pred_off, pred_on = (pope.parse_answer(t, args.strict) for t in (off, on))
                     record = {"question_id": q.question_id, "image": q.image, "label": q.label}
@@ -135,6 +135,8 @@ def score(args, setup, sets, jobs, arms, seconds: float) -> dict:
         mean["comparison"] = both["mean_f1"]
     results["splits"] = splits
     results["mean_f1"] = mean
+    empty = {f"{name}, guard {arm}": splits[name][arm]["empty"] for name in splits for arm in arms}
+    results["warnings"] = common.empty_warnings(empty, "answers", pope.EMPTY_MEANS[args.strict])
     results["settings"] = common.settings_record(
         args,
         setup,
@@ -183,7 +185,7 @@ NOTES = (
 
 
 def finish(results: dict, out: Path, title: str, extra_notes=()) -> str:
-    notes = [NOTES, *extra_notes]
+    notes = [NOTES, *extra_notes, *(f"WARNING: {w}" for w in results["warnings"])]
     table = common.write_outputs(out, results, rows(results), title, notes)
     return table
 
@@ -259,8 +261,9 @@ def run_demo(
         f"alpha={results['settings']['guard']['alpha']}"
     )
     table = finish(results, out, "POPE demo (tiny random model)", [common.DEMO_NOTE])
+    warnings = "".join(f"WARNING: {w}\n\n" for w in results["warnings"])
     text = (
-        f"{header}\n\n{table}\n\n{NOTES}\n\n{common.DEMO_NOTE}\n\n"
+        f"{header}\n\n{table}\n\n{NOTES}\n\n{common.DEMO_NOTE}\n\n{warnings}"
         f"wrote {out / 'results.json'}, results.md, results.png and answers/ in {out}"
     )
     return results, text

@@ -33,6 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..outputs import replacing
 from . import stats
 from .files import DataError, data_path, format_ids, read_records, require
 from .text import singularize, word_tokenize
@@ -161,12 +162,9 @@ def _read_table(path: Path, kind: str) -> GroundTruth:
 
 def _write_table(path: Path, objects: Mapping[int, Iterable[str]]) -> None:
     """Deterministic gzip JSON (no timestamp), so the same inputs give the same sha256."""
-    path.parent.mkdir(parents=True, exist_ok=True)
     payload = json.dumps({str(k): sorted(objects[k]) for k in sorted(objects)}).encode()
-    tmp = path.with_suffix(".tmp")
-    with open(tmp, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=0) as f:
+    with replacing(path, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=0) as f:
         f.write(payload)
-    tmp.replace(path)
 
 
 ANNOTATION_FILES = ("instances_{}2014.json", "captions_{}2014.json")

@@ -42,6 +42,11 @@ PARSERS = {
     False: "llava: first sentence, commas dropped, 'no' if any word is No/not/no, else 'yes'",
     True: "strict: exactly yes/no (case-insensitive), anything else unparsed and wrong",
 }
+# What an empty answer counts as, for the warning a results file carries when there are any.
+EMPTY_MEANS = {
+    False: "LLaVA's parser scores an empty answer as 'yes'",
+    True: "the strict parser scores an empty answer as unparsed (wrong)",
+}
 
 
 @dataclass(frozen=True)
@@ -310,6 +315,7 @@ def score(
     out["n"] = len(labels)
     out["unanswered"] = sum(t is None for t in texts)
     out["unparsed"] = sum(t is not None and p is None for t, p in zip(texts, preds, strict=True))
+    out["empty"] = sum(t is not None and not t.strip() for t in texts)
     return out
 
 

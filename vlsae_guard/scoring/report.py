@@ -11,6 +11,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..outputs import write_with
+
 ARM_NAMES = {"off": "guard off", "on": "guard on"}
 
 
@@ -155,6 +157,4 @@ def plot(rows: Sequence[Row], path: str | Path, title: str) -> Path:
             ax.set_title("guard on - guard off (paired bootstrap 95% CI)", fontsize=10)
     fig.suptitle(title, fontsize=11)
     fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=110)
-    return path
+    return write_with(path, lambda tmp: fig.savefig(tmp, dpi=110))
