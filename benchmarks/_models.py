@@ -6,7 +6,7 @@ import argparse
 
 
 def llava_shaped_sizes(args: argparse.Namespace) -> dict[str, int]:
-    """``vlsae_guard.tiny.build_hf_llava`` sizes from the common flags (head_dim 32)."""
+    """``vlsae_guard.lab.tiny.build_hf_llava`` sizes from the common flags (head_dim 32)."""
     return dict(
         image_size=args.image_size,
         patch_size=args.patch_size,

@@ -3,8 +3,9 @@
 Both run on the same tiny LLaVA (built here, llava-hf layout) and the same generated images and
 captions, at site ``layer:L`` with mean pooling (the paper's features), in one process:
 
-* ours: :func:`vlsae_guard.collect.collect`: batched forward passes that a hook at layer L's
-  input ends (layers L.. and the LM head never run), images decoded in threads, shards written;
+* ours: :func:`vlsae_guard.pipeline.collect.collect`: batched forward passes that a hook at
+  layer L's input ends (layers L.. and the LM head never run), images decoded in threads,
+  shards written;
 * official: for each pair, preprocess it alone and call ``generate(max_new_tokens=1)`` with a
   hook recording layer L's input (the VL-SAE repository's collector), then take the means.
 
@@ -31,14 +32,14 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from vlsae_guard import tiny
 from vlsae_guard.backends import detect
 from vlsae_guard.backends.inputs import HFInputs
-from vlsae_guard.collect import CollectConfig, collect
-from vlsae_guard.demo import make_scenes
-from vlsae_guard.store import ActivationStore
-from vlsae_guard.train import train
-from vlsae_guard.train_config import TrainConfig
+from vlsae_guard.lab import tiny
+from vlsae_guard.lab.demo import make_scenes
+from vlsae_guard.pipeline.collect import CollectConfig, collect
+from vlsae_guard.pipeline.store import ActivationStore
+from vlsae_guard.pipeline.train import train
+from vlsae_guard.pipeline.train_config import TrainConfig
 
 
 def parse_args() -> argparse.Namespace:

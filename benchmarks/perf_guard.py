@@ -19,7 +19,8 @@ from _models import llava_shaped_sizes
 from _timing import median_times
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-from vlsae_guard import VLSAE, SAEConfig, guard, tiny
+from vlsae_guard import VLSAE, SAEConfig, guard
+from vlsae_guard.lab import tiny
 
 PROMPT = "USER: <image>\nPlease describe this image in detail. ASSISTANT:"
 

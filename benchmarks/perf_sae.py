@@ -4,7 +4,7 @@ Both run in the same process on the same weights and inputs:
 
 * ours: ``sae(x)``, i.e. ``encode_topk`` (one matmul against the encoder, top-k on the cosine,
   square root on the k winners only) and a sparse decode gathering k decoder rows per token;
-* official: :mod:`vlsae_guard.reference`, written as the paper's code does it: ``torch.cdist``
+* official: :mod:`vlsae_guard.core.reference`, written as the paper's code does it: ``torch.cdist``
   over all concepts, ``kthvalue`` thresholding, and a dense ``n_concepts x d`` decoder matmul.
 
 Both are then compared to the same formulas evaluated in float64. In float32 the two pick
@@ -23,7 +23,8 @@ import torch
 from _timing import median_times
 from torch import Tensor
 
-from vlsae_guard import VLSAE, SAEConfig, reference
+from vlsae_guard import VLSAE, SAEConfig
+from vlsae_guard.core import reference
 
 
 def parse_args() -> argparse.Namespace:

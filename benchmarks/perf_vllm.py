@@ -31,7 +31,8 @@ from pathlib import Path
 import torch
 from _models import llava_shaped_sizes
 
-from vlsae_guard import VLSAE, SAEConfig, tiny
+from vlsae_guard import VLSAE, SAEConfig
+from vlsae_guard.lab import tiny
 from vlsae_guard.serving.client import chat_messages, openai_client, request_kwargs
 from vlsae_guard.serving.server import running_server
 

@@ -8,7 +8,7 @@ scratch (cached under --cache by a hash of everything that decides its weights),
 VL-SAEs with the project's pipeline, chooses each guard variant's alpha on a validation split
 and runs the POPE harness A/B on the test split. Writes ``OUT/results.json`` (settings, hashes,
 choices with the validation numbers they were made on, per-seed and pooled results, versions)
-and ``OUT/results.md``; the logic lives in ``vlsae_guard.testbed``.
+and ``OUT/results.md``; the logic lives in ``vlsae_guard.lab.testbed``.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from pydantic import ValidationError
 
 from vlsae_guard import outputs
 from vlsae_guard.harness import common
-from vlsae_guard.testbed import experiment
+from vlsae_guard.lab.testbed import experiment
 
 
 def parser() -> argparse.ArgumentParser:

@@ -4,7 +4,7 @@
 
 For each seed of the run, a ridge probe per object on the mean projector output, trained on
 fresh unbiased images of the same world (seed + 1000), read on the run's test images. Writes
-``RUN/probe.json`` and prints the table; the logic is ``vlsae_guard.testbed.probe``.
+``RUN/probe.json`` and prints the table; the logic is ``vlsae_guard.lab.testbed.probe``.
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ import torch
 
 from vlsae_guard import outputs, provenance
 from vlsae_guard.harness import common
-from vlsae_guard.testbed.probe import probe
-from vlsae_guard.testbed.world import WorldConfig, build_world
+from vlsae_guard.lab.testbed.probe import probe
+from vlsae_guard.lab.testbed.world import WorldConfig, build_world
 
 
 def parser() -> argparse.ArgumentParser:

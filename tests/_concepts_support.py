@@ -14,11 +14,11 @@ import pytest
 import torch
 
 from vlsae_guard.backends.inputs import HFInputs
-from vlsae_guard.collect import CollectConfig, collect
-from vlsae_guard.config import SAEConfig, Source
-from vlsae_guard.demo import make_scenes
-from vlsae_guard.sae import VLSAE
-from vlsae_guard.store import ActivationStore
+from vlsae_guard.core.sae import VLSAE
+from vlsae_guard.core.sae_config import SAEConfig, Source
+from vlsae_guard.lab.demo import make_scenes
+from vlsae_guard.pipeline.collect import CollectConfig, collect
+from vlsae_guard.pipeline.store import ActivationStore
 
 N_CONCEPTS, K = 48, 6
 

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from vlsae_guard.store import Header, StoreWriter
+from vlsae_guard.pipeline.store import Header, StoreWriter
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """Shared pieces of the vLLM tests: the SAE, engine settings and HF reference answers.
 
-The references come from the transformers backend with :func:`vlsae_guard.guard` (fp32,
+The references come from the transformers backend with :func:`vlsae_guard.core.guard` (fp32,
 greedy, one request at a time), so every vLLM answer is checked against the implementation
 the rest of the suite already trusts.
 """
@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from vlsae_guard import VLSAE, SAEConfig, guard
-from vlsae_guard.tiny import TinySizes
+from vlsae_guard.lab.tiny import TinySizes
 
 ALPHA = 0.8
 STEPS = 8

@@ -1,6 +1,6 @@
 """Shared fixtures: tiny random-weight LLaVA checkpoints in the real on-disk layouts.
 
-Built once per session (a few seconds, offline) by :mod:`vlsae_guard.tiny`. The loaded models
+Built once per session (a few seconds, offline) by :mod:`vlsae_guard.lab.tiny`. The loaded models
 are session-scoped too: tests that hook or steer them must undo it before returning.
 """
 
@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vlsae_guard import tiny
+from vlsae_guard.lab import tiny
 
 
 @pytest.fixture(scope="session")

@@ -65,7 +65,7 @@ def test_results_record_provenance_and_match_the_answers(inputs, tiny_hf_dir, tm
     settings = saved["settings"]
     assert settings["model_sha256"] == provenance.sha256_dir(tiny_hf_dir)
     assert settings["sae_sha256"] == provenance.sha256_dir(inputs / "sae")
-    assert settings["guard"]["alpha"] == 1.0 and settings["guard"]["method"] == "replace"
+    assert settings["guard"]["alpha"] == 1.0 and settings["guard"]["rewrite"] == "replace"
     assert settings["questions"][0]["sha256"] == provenance.sha256_file(inputs / "questions.jsonl")
     assert settings["prompt"]["template"] == pope.PROMPTS["llava"]
     assert settings["parser"] == pope.PARSERS[False]

@@ -16,9 +16,10 @@ from pickle_attack import Payload
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from vlsae_guard import SAED, SAEV, VLSAE, AuxConfig, CheckpointError, SAEConfig, build, reference
-from vlsae_guard.checkpoint import import_official, load, save
-from vlsae_guard.sae import SparseAutoencoder
+from vlsae_guard import SAED, SAEV, VLSAE, AuxConfig, CheckpointError, SAEConfig, build
+from vlsae_guard.core import reference
+from vlsae_guard.core.checkpoint import import_official, load, save
+from vlsae_guard.core.sae import SparseAutoencoder
 
 D, N, K = 16, 40, 4
 ARCHS = {"vl-sae": VLSAE, "sae-v": SAEV, "sae-d": SAED}

@@ -16,8 +16,8 @@ from pickle_attack import Payload
 from torch import nn
 
 from vlsae_guard import SAEConfig, __version__
-from vlsae_guard.checkpoint import load
 from vlsae_guard.cli import main
+from vlsae_guard.core.checkpoint import load
 
 D, N, K = 16, 40, 4
 D_VISION, D_TEXT = 12, 20

@@ -11,13 +11,13 @@ import torch
 from _support import one_thread, write_store  # noqa: F401
 from safetensors.torch import load_file
 
-from vlsae_guard import tiny
 from vlsae_guard.backends import detect
 from vlsae_guard.backends.inputs import HFInputs
 from vlsae_guard.cli import main
-from vlsae_guard.collect import CollectConfig, SiteReader, collect
-from vlsae_guard.distributed import Dist
-from vlsae_guard.store import ActivationStore, StoreError, StoreWriter, read_manifest
+from vlsae_guard.lab import tiny
+from vlsae_guard.pipeline.collect import CollectConfig, SiteReader, collect
+from vlsae_guard.pipeline.distributed import Dist
+from vlsae_guard.pipeline.store import ActivationStore, StoreError, StoreWriter, read_manifest
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 CAPTIONS = [

@@ -15,7 +15,6 @@ import pytest
 import torch
 from _concepts_support import concepts_env  # noqa: F401
 
-from vlsae_guard.checkpoint import load
 from vlsae_guard.cli import main
 from vlsae_guard.concepts import ConceptsError
 from vlsae_guard.concepts.catalog import (
@@ -27,7 +26,8 @@ from vlsae_guard.concepts.catalog import (
     words,
     write_catalog,
 )
-from vlsae_guard.store import ActivationStore
+from vlsae_guard.core.checkpoint import load
+from vlsae_guard.pipeline.store import ActivationStore
 
 TOP_N = 3
 

@@ -11,12 +11,12 @@ from PIL import Image
 
 from vlsae_guard.backends import detect
 from vlsae_guard.backends.inputs import HFInputs
-from vlsae_guard.checkpoint import load
 from vlsae_guard.cli import main
 from vlsae_guard.concepts.inspect import inspect_rows, read_tokens
-from vlsae_guard.config import SAEConfig
-from vlsae_guard.intervention import GuardConfig, ProjectorIntervention
-from vlsae_guard.sae import VLSAE, Codes
+from vlsae_guard.core.checkpoint import load
+from vlsae_guard.core.intervention import GuardConfig, ProjectorIntervention
+from vlsae_guard.core.sae import VLSAE, Codes
+from vlsae_guard.core.sae_config import SAEConfig
 
 
 def projector_output(model, processor, image):
@@ -53,7 +53,7 @@ def test_top_concepts_match_encoding_the_projector_output(
     assert [h.tokens for h in result.top] == [int((dense[:, c] > 0).sum()) for c in want.indices]
 
 
-@pytest.mark.parametrize("settings", [{}, {"method": "edit"}, {"text_grounded": True}])
+@pytest.mark.parametrize("settings", [{}, {"rewrite": "edit"}, {"text_grounded": True}])
 def test_kept_removed_split_is_the_interventions(
     concepts_env,  # noqa: F811
     hf_model_and_processor,
@@ -84,7 +84,7 @@ def test_kept_removed_split_is_the_interventions(
     codes = sae.encode_topk(x)
     keep = torch.isin(codes.indices, torch.tensor(sorted(kept)))
     decoder = sae.decoder_for("vision")
-    if config.method == "replace":
+    if config.rewrite == "replace":
         mine = decoder.sparse(Codes(codes.values * keep, codes.indices, codes.n_concepts))
     else:
         dropped = Codes(codes.values * ~keep, codes.indices, codes.n_concepts)

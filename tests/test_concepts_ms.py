@@ -14,8 +14,8 @@ from safetensors.torch import save_file
 import vlsae_guard
 from vlsae_guard.cli import main
 from vlsae_guard.concepts import MSAccumulator, monosemanticity_score, pairwise_monosemanticity
-from vlsae_guard.concepts.ms import store_images
-from vlsae_guard.store import ActivationStore
+from vlsae_guard.concepts.ms_store import store_images
+from vlsae_guard.pipeline.store import ActivationStore
 
 
 def random_data(n=120, k=40, d=12, seed=0, sparse=False):

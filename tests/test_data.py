@@ -9,8 +9,8 @@ import pytest
 from PIL import Image
 from pydantic import TypeAdapter, ValidationError
 
-from vlsae_guard import tiny
-from vlsae_guard.data import (
+from vlsae_guard.lab import tiny
+from vlsae_guard.pipeline.pairs import (
     DataConfig,
     ImageError,
     SourceError,

@@ -4,8 +4,9 @@ import importlib.util
 import json
 from pathlib import Path
 
-from vlsae_guard import VLSAE, demo
+from vlsae_guard import VLSAE
 from vlsae_guard.cli import main
+from vlsae_guard.lab import demo
 from vlsae_guard.scoring import pope
 
 ROOT = Path(__file__).resolve().parents[1]

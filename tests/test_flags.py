@@ -5,7 +5,7 @@ import argparse
 import pytest
 
 from vlsae_guard import GuardConfig
-from vlsae_guard.flags import add_guard_flags, settings_from_args
+from vlsae_guard.cli.guard_flags import add_guard_flags, settings_from_args
 
 
 def parse(*argv):
@@ -22,7 +22,7 @@ def test_flags_become_a_validated_config():
     args = parse(
         "--vlsae-guard",
         "sae",
-        "--vlsae-method",
+        "--vlsae-rewrite",
         "edit",
         "--vlsae-alpha",
         "0.3",
@@ -31,7 +31,7 @@ def test_flags_become_a_validated_config():
         '{"7": 1.5}',
     )
     assert settings_from_args(args) == GuardConfig(
-        method="edit", alpha=0.3, text_grounded=True, steer={7: 1.5}
+        rewrite="edit", alpha=0.3, text_grounded=True, steer={7: 1.5}
     )
 
 
@@ -53,3 +53,14 @@ def test_paper_mode_flags_get_paper_defaults():
 def test_bad_settings_exit_with_a_message(argv, match):
     with pytest.raises(SystemExit, match=match):
         settings_from_args(parse("--vlsae-guard", "sae", *argv))
+
+
+def test_the_old_name_method_still_works_with_a_warning():
+    with pytest.warns(FutureWarning, match="rewrite='edit'"):
+        old = settings_from_args(parse("--vlsae-guard", "sae", "--vlsae-method", "edit"))
+    assert old == GuardConfig(rewrite="edit")
+    with pytest.warns(FutureWarning):
+        assert GuardConfig(method="edit", alpha=0.2) == GuardConfig(rewrite="edit", alpha=0.2)
+    with pytest.raises(ValueError, match="give rewrite= only"):
+        GuardConfig(method="edit", rewrite="replace")
+    assert "rewrite" in GuardConfig().model_dump() and "method" not in GuardConfig().model_dump()

@@ -18,7 +18,7 @@ from vlsae_guard import (
     guard,
 )
 from vlsae_guard.backends import detect
-from vlsae_guard.intervention import ProjectorIntervention
+from vlsae_guard.core.intervention import ProjectorIntervention
 
 HIDDEN = 64  # tiny.TinySizes.text_hidden
 QUESTIONS = ["Is there a dog in the image?", "What color is the large object?"]
@@ -162,7 +162,7 @@ def test_disabled_alpha0_and_removed_are_bit_exact(case, baseline, sae):
     "settings",
     [
         {"alpha": 1.0},
-        {"method": "edit", "alpha": 1.0},
+        {"rewrite": "edit", "alpha": 1.0},
         {"text_grounded": True, "alpha": 1.0},
         {"alpha": 0.0, "steer": {5: 3.0}},
     ],
@@ -358,7 +358,7 @@ def test_text_only_model_is_refused(sae):
 def test_guard_loads_a_checkpoint_directory(hf_model_and_processor, sae, tmp_path):
     model, _ = hf_model_and_processor
     sae.save_pretrained(tmp_path / "sae")
-    with guard(model, tmp_path / "sae", method="edit") as handle:
+    with guard(model, tmp_path / "sae", rewrite="edit") as handle:
         assert handle.intervention.sae.config == sae.config
 
 

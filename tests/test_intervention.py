@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from vlsae_guard import VLSAE, GuardConfig, SAEConfig
-from vlsae_guard.intervention import ProjectorIntervention
-from vlsae_guard.paper import FusionProcessor, PaperIntervention
+from vlsae_guard.core.intervention import ProjectorIntervention
+from vlsae_guard.core.paper import FusionProcessor, PaperIntervention
 
 D, N, K = 16, 64, 6
 SHARED = list(range(0, N, 2))
@@ -43,13 +43,13 @@ def test_replace_formula(sae, feats, alpha):
 
 @pytest.mark.parametrize("alpha", [0.3, 1.0])
 def test_edit_formula_keeps_error(sae, feats, alpha):
-    out = ProjectorIntervention.build(sae, GuardConfig(method="edit", alpha=alpha))(feats)
+    out = ProjectorIntervention.build(sae, GuardConfig(rewrite="edit", alpha=alpha))(feats)
     _, rec_s, rec = dense_terms(sae, feats)
     torch.testing.assert_close(out, feats + alpha * (rec_s - rec))
 
 
 def test_all_shared_edit_is_identity(sae, feats):
-    cfg = GuardConfig(method="edit", alpha=1.0, shared_concepts=list(range(N)))
+    cfg = GuardConfig(rewrite="edit", alpha=1.0, shared_concepts=list(range(N)))
     torch.testing.assert_close(ProjectorIntervention.build(sae, cfg)(feats), feats)
 
 

@@ -15,9 +15,9 @@ from _pope import run, write_inputs
 from transformers import GPT2Config, LlamaConfig
 
 from vlsae_guard import VLSAE, GuardConfig, GuardError, SAEConfig, UnsupportedModelError, guard
-from vlsae_guard.checkpoint import import_official, load
 from vlsae_guard.cli import main
-from vlsae_guard.flags import add_guard_flags, settings_from_args
+from vlsae_guard.cli.guard_flags import add_guard_flags, settings_from_args
+from vlsae_guard.core.checkpoint import import_official, load
 from vlsae_guard.harness import generation
 from vlsae_guard.harness import pope as harness
 from vlsae_guard.outputs import OutputError, write_text

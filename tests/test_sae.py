@@ -1,4 +1,4 @@
-"""The SAE math against the official-code formulas in :mod:`vlsae_guard.reference`.
+"""The SAE math against the official-code formulas in :mod:`vlsae_guard.core.reference`.
 
 Models run in float32, the reference in float64 on the same weights, so a mismatch beyond
 rounding is a bug, not noise. Sizes are small but keep ``k << n_concepts`` like the paper.
@@ -10,7 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from vlsae_guard import AuxConfig, AuxiliaryAE, Codes, SAEConfig, build, reference
+from vlsae_guard import AuxConfig, AuxiliaryAE, Codes, SAEConfig, build
+from vlsae_guard.core import reference
 
 D, N, K = 32, 96, 8
 ARCHS = ("vl-sae", "sae-v", "sae-d")

@@ -17,8 +17,9 @@ import pytest
 import torch
 from PIL import Image
 
-from vlsae_guard import VLSAE, SAEConfig, cli, tiny
-from vlsae_guard.intervention import GuardConfig, ProjectorIntervention
+from vlsae_guard import VLSAE, SAEConfig, cli
+from vlsae_guard.core.intervention import GuardConfig, ProjectorIntervention
+from vlsae_guard.lab import tiny
 from vlsae_guard.serving import client, plugin, routing
 from vlsae_guard.serving.server import (
     TRUST_FLAG,
@@ -32,6 +33,7 @@ from vlsae_guard.serving.settings import (
     ENV_CONFIG,
     ENV_DEFAULT,
     ENV_METHOD,
+    ENV_REWRITE,
     ENV_SAE,
     REQUEST_KEY,
     PluginConfigError,
@@ -73,9 +75,9 @@ def test_a_guard_request_without_an_sae_is_refused():
 
 
 def test_environment_variables_set_the_guard():
-    settings = ServeSettings.from_env({ENV_SAE: "/sae", ENV_ALPHA: "0.3", ENV_METHOD: "edit"})
+    settings = ServeSettings.from_env({ENV_SAE: "/sae", ENV_ALPHA: "0.3", ENV_REWRITE: "edit"})
     assert settings.enabled and settings.sae == "/sae"
-    assert settings.guard == GuardConfig(alpha=0.3, method="edit")
+    assert settings.guard == GuardConfig(alpha=0.3, rewrite="edit")
     assert settings.resolve_request(None) is True  # default on
     assert settings.resolve_request(False) is False
 
@@ -99,9 +101,9 @@ def test_config_inline_json_and_file_with_environment_overrides(tmp_path):
     assert settings.guard.alpha == 0.7  # the variable wins over the file
     assert settings.guard.steer == {3: 1.5} and settings.guard.shared_concepts == [1, 2]
     yaml_file = tmp_path / "guard.yaml"
-    yaml_file.write_text("method: edit\nalpha: 0.25\n")
+    yaml_file.write_text("rewrite: edit\nalpha: 0.25\n")
     settings = ServeSettings.from_env({ENV_SAE: "/s", ENV_CONFIG: str(yaml_file)})
-    assert (settings.guard.method, settings.guard.alpha) == ("edit", 0.25)
+    assert (settings.guard.rewrite, settings.guard.alpha) == ("edit", 0.25)
     json_file = tmp_path / "guard.json"
     json_file.write_text('{"alpha": 0.1}')
     assert ServeSettings.from_env({ENV_SAE: "/s", ENV_CONFIG: str(json_file)}).guard.alpha == 0.1
@@ -113,7 +115,7 @@ def test_config_inline_json_and_file_with_environment_overrides(tmp_path):
         ({"VLSAE_GUARD_ALHPA": "0.5", ENV_SAE: "/s"}, "unknown environment variable.*ALHPA"),
         ({ENV_ALPHA: "0.5"}, f"{ENV_ALPHA} set but {ENV_SAE} is not"),
         ({ENV_SAE: "/s", ENV_ALPHA: "2"}, f"{ENV_ALPHA}: Input should be less than or equal"),
-        ({ENV_SAE: "/s", ENV_METHOD: "swap"}, f"{ENV_METHOD}: Input should be 'replace'"),
+        ({ENV_SAE: "/s", ENV_REWRITE: "swap"}, f"{ENV_REWRITE}: Input should be 'replace'"),
         ({ENV_SAE: "/s", ENV_DEFAULT: "maybe"}, f"{ENV_DEFAULT}: Input should be a valid bool"),
         ({ENV_SAE: "/s", ENV_CONFIG: "/no/such/file"}, "expected a JSON/YAML file"),
         ({ENV_SAE: "/s", ENV_CONFIG: "{not json"}, "cannot parse"),
@@ -130,7 +132,7 @@ def test_invalid_settings_name_the_variable(env, message):
 def test_to_env_round_trips():
     settings = ServeSettings(
         sae="/sae",
-        guard=GuardConfig(method="edit", alpha=0.4, steer={5: 2.0}, shared_concepts=[1, 7]),
+        guard=GuardConfig(rewrite="edit", alpha=0.4, steer={5: 2.0}, shared_concepts=[1, 7]),
         default=False,
         dtype="model",
         log="/tmp/log.jsonl",
@@ -408,3 +410,11 @@ def test_chat_messages_put_the_image_before_the_text():
     assert [part["type"] for part in user["content"]] == ["image_url", "text"]
     system, _ = client.chat_messages(image, "q", system="Be brief.")
     assert system == {"role": "system", "content": "Be brief."}
+
+
+def test_the_old_method_variable_still_works_with_a_warning():
+    with pytest.warns(FutureWarning, match=ENV_REWRITE):
+        settings = ServeSettings.from_env({ENV_SAE: "/sae", ENV_METHOD: "edit"})
+    assert settings.guard.rewrite == "edit"
+    with pytest.raises(PluginConfigError, match=f"set {ENV_REWRITE} only"):
+        ServeSettings.from_env({ENV_SAE: "/sae", ENV_METHOD: "edit", ENV_REWRITE: "edit"})

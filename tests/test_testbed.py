@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from vlsae_guard.testbed import experiment
-from vlsae_guard.testbed.model import ModelConfig, TrainingConfig, trained_model
-from vlsae_guard.testbed.world import (
+from vlsae_guard.lab.testbed import experiment
+from vlsae_guard.lab.testbed.model import ModelConfig, TrainingConfig, trained_model
+from vlsae_guard.lab.testbed.world import (
     QUESTION_SETS,
     Statistics,
     WorldConfig,
@@ -140,7 +140,7 @@ def test_trained_model_loads_in_hub_layout_and_is_cached(world, tmp_path, monkey
     state = {k: v for k, v in model.state_dict().items() if "vision_tower" in k}
     assert state and all(torch.isfinite(v).all() for v in state.values())
 
-    from vlsae_guard.testbed import model as model_module
+    from vlsae_guard.lab.testbed import model as model_module
 
     def refuse(*args, **kwargs):
         raise AssertionError("retrained although cached")
@@ -230,7 +230,7 @@ def test_the_whole_experiment_is_deterministic_given_the_seed(fast_run, tmp_path
 
 
 def test_ridge_probe_reads_a_linear_signal_and_not_noise():
-    from vlsae_guard.testbed.probe import balanced_accuracy, ridge_scores
+    from vlsae_guard.lab.testbed.probe import balanced_accuracy, ridge_scores
 
     g = torch.Generator().manual_seed(0)
     x = torch.randn(600, 16, generator=g, dtype=torch.float64)
@@ -246,7 +246,7 @@ def test_ridge_probe_reads_a_linear_signal_and_not_noise():
 
 
 def test_probe_on_the_fast_run_model(fast_run):
-    from vlsae_guard.testbed.probe import probe
+    from vlsae_guard.lab.testbed.probe import probe
 
     _, results = fast_run
     config = experiment.ExperimentConfig.fast()

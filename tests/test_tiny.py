@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from vlsae_guard import tiny
+from vlsae_guard.lab import tiny
 
 PROMPT = "USER: <image>\nIs there a dog in the image? ASSISTANT:"
 PROMPTS = [

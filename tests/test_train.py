@@ -19,11 +19,11 @@ from safetensors.torch import load_file
 
 from vlsae_guard import VLSAE, SAEConfig, guard
 from vlsae_guard.backends.inputs import HFInputs
-from vlsae_guard.checkpoint import load
 from vlsae_guard.cli import main
-from vlsae_guard.collect import CollectConfig, collect
-from vlsae_guard.store import ActivationStore
-from vlsae_guard.train import (
+from vlsae_guard.core.checkpoint import load
+from vlsae_guard.pipeline.collect import CollectConfig, collect
+from vlsae_guard.pipeline.store import ActivationStore
+from vlsae_guard.pipeline.train import (
     STATE,
     SAEObjective,
     Trainer,
@@ -32,7 +32,7 @@ from vlsae_guard.train import (
     shared_concepts,
     train,
 )
-from vlsae_guard.train_config import TrainConfig
+from vlsae_guard.pipeline.train_config import TrainConfig
 
 TESTS = Path(__file__).parent
 
@@ -160,7 +160,7 @@ def test_resume_after_kill_equals_uninterrupted(small_store, tmp_path, monkeypat
     settings = dict(checkpoint_every=5, align={"epochs": 3, "batch_size": 32, "lr": 1e-3})
     whole = train(small_config(small_store, tmp_path / "whole", **settings))
 
-    from vlsae_guard import train as train_module
+    from vlsae_guard.pipeline import train as train_module
 
     objective = train_module.AlignObjective if stage == "align" else train_module.SAEObjective
     original, calls = objective.forward, []
@@ -237,8 +237,8 @@ def test_token_rows_and_cycling(tmp_path):
 
 _DDP_SCRIPT = """
 import json, os, sys, torch
-from vlsae_guard.train import Trainer, train
-from vlsae_guard.train_config import TrainConfig
+from vlsae_guard.pipeline.train import Trainer, train
+from vlsae_guard.pipeline.train_config import TrainConfig
 
 torch.set_num_threads(1)
 seen, final = [], {}
@@ -255,7 +255,7 @@ def spy_fit(self, stage, objective, *args, **kwargs):
 
 Trainer._row_batches, Trainer._fit = spy_rows, spy_fit
 if len(sys.argv) > 3:  # first, collection by both ranks into one store
-    from vlsae_guard.collect import CollectConfig, collect
+    from vlsae_guard.pipeline.collect import CollectConfig, collect
     collect(CollectConfig.model_validate_json(sys.argv[3]))
 train(TrainConfig.model_validate_json(sys.argv[1]))
 rank = os.environ.get("RANK", "single")
@@ -329,7 +329,7 @@ def test_torchrun_two_processes_match_one(
 
 @pytest.fixture(scope="module")
 def caption_pairs(tmp_path_factory) -> Path:
-    from vlsae_guard.demo import make_scenes
+    from vlsae_guard.lab.demo import make_scenes
 
     root = tmp_path_factory.mktemp("scenes")
     lines = []

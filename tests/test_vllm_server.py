@@ -11,7 +11,7 @@ import random
 
 import pytest
 
-from vlsae_guard import tiny
+from vlsae_guard.lab import tiny
 
 pytestmark = pytest.mark.vllm
 pytest.importorskip("vllm")

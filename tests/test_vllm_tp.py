@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from vlsae_guard import tiny
+from vlsae_guard.lab import tiny
 
 pytestmark = pytest.mark.vllm
 pytest.importorskip("vllm")

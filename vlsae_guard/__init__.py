@@ -1,12 +1,12 @@
 """vlsae-guard: reduce object hallucination in LLaVA models with a vision-language SAE."""
 
 from .backends import UnsupportedModelError
-from .checkpoint import CheckpointError, import_official
 from .concepts.monosemanticity import monosemanticity_score
-from .config import AuxConfig, SAEConfig, Source
-from .guard import GuardError, GuardHandle, guard
-from .intervention import GuardConfig
-from .sae import SAED, SAEV, VLSAE, AuxiliaryAE, Codes, SparseAutoencoder, build
+from .core.checkpoint import CheckpointError, import_official
+from .core.guard import GuardError, GuardHandle, guard
+from .core.intervention import GuardConfig
+from .core.sae import SAED, SAEV, VLSAE, AuxiliaryAE, Codes, SparseAutoencoder, build
+from .core.sae_config import AuxConfig, SAEConfig, Source
 
 __all__ = [
     "SAED",

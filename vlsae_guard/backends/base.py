@@ -1,7 +1,7 @@
 """The small interface every backend implements: find the projector, know the image positions.
 
 A backend never does math on features; it tells the guard where projected image rows come
-from so :class:`vlsae_guard.intervention.ProjectorIntervention` can be shared by all of them.
+from so :class:`vlsae_guard.core.intervention.ProjectorIntervention` can be shared by all of them.
 """
 
 from __future__ import annotations

@@ -32,10 +32,10 @@ import torch
 from pydantic import BaseModel, ConfigDict, ValidationError
 from torch import Tensor
 
-from ..checkpoint import describe_validation_error
+from ..core.sae import SparseAutoencoder
 from ..outputs import write_text, write_with
-from ..sae import SparseAutoencoder
-from ..store import ActivationStore
+from ..pipeline.store import ActivationStore
+from ..validation import describe_validation_error
 from .pooled import ConceptsError, Pooling, iter_pooled
 
 FORMAT = "vlsae-guard/catalog"

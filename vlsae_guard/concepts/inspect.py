@@ -1,9 +1,9 @@
 """What the VL-SAE sees in one image or one text: top concepts, labels, what the guard keeps.
 
 The image goes through the model up to the SAE's site exactly as in collection
-(:class:`vlsae_guard.collect.SiteReader`); its tokens are encoded by the SAE and pooled
+(:class:`vlsae_guard.pipeline.collect.SiteReader`); its tokens are encoded by the SAE and pooled
 (:mod:`.pooled`). For a projector-site SAE, the concepts of the image's TopK codes are split by
-the guard's own :class:`~vlsae_guard.intervention.ProjectorIntervention` (its resolved shared
+the guard's own :class:`~vlsae_guard.core.intervention.ProjectorIntervention` (its resolved shared
 set S, and with ``text_grounded`` the concepts of the prompt's text): *kept* concepts are
 decoded back into the image tokens, *removed* ones are dropped (method replace) or subtracted
 (method edit). An A/B answer pair differs by exactly the removed concepts' contribution.
@@ -18,10 +18,10 @@ import torch
 from torch import Tensor, nn
 
 from ..backends.inputs import Inputs
-from ..collect import SiteReader
-from ..config import Modality
-from ..intervention import GuardConfig, ProjectorIntervention
-from ..sae import Codes, SparseAutoencoder
+from ..core.intervention import GuardConfig, ProjectorIntervention
+from ..core.sae import Codes, SparseAutoencoder
+from ..core.sae_config import Modality
+from ..pipeline.collect import SiteReader
 from .pooled import ConceptsError, Pooling, encode, input_width, pool_codes
 
 

@@ -20,9 +20,9 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from ..config import Modality
-from ..sae import Codes, SparseAutoencoder
-from ..store import ActivationStore
+from ..core.sae import Codes, SparseAutoencoder
+from ..core.sae_config import Modality
+from ..pipeline.store import ActivationStore
 
 Pooling = Literal["mean", "max"]
 POOLINGS: tuple[Pooling, ...] = ("mean", "max")

@@ -26,8 +26,8 @@ from tqdm import tqdm
 from .. import outputs, provenance
 from ..backends import UnsupportedModelError
 from ..backends.inputs import checkpoint_family, read_model_config
-from ..flags import add_guard_flags, settings_from_args
-from ..intervention import GuardConfig
+from ..cli.guard_flags import add_guard_flags, settings_from_args
+from ..core.intervention import GuardConfig
 from ..scoring import report
 from ..scoring.files import DataError
 from ..scoring.stats import DEFAULT_BOOTSTRAP
@@ -297,7 +297,7 @@ def setup(args: argparse.Namespace) -> Setup:
             options = {"engine_args": args.engine_args}
     sae_dir = sae_sha = None
     if args.vlsae_guard:
-        from ..checkpoint import resolve
+        from ..core.checkpoint import resolve
 
         sae_dir = resolve(args.vlsae_guard)
         sae_sha = provenance.sha256_dir(sae_dir)
@@ -470,8 +470,8 @@ EXPECTED_ERRORS: tuple[type[Exception], ...] = (
 
 def run_main(prog: str, body: Callable[[], int]) -> int:
     """Run a benchmark body; expected failures print one line and exit 2 (no traceback)."""
-    from ..checkpoint import CheckpointError
-    from ..guard import GuardError
+    from ..core.checkpoint import CheckpointError
+    from ..core.guard import GuardError
 
     try:
         return body()

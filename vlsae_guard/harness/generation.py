@@ -1,7 +1,7 @@
 """Batched A/B generation on a LLaVA model, one class per backend.
 
 A :class:`Generator` answers a batch of (image, prompt) pairs for one arm, guard ``"off"`` or
-``"on"``. In-process backends (``hf``, ``llava``) attach :func:`vlsae_guard.guard` once and
+``"on"``. In-process backends (``hf``, ``llava``) attach :func:`vlsae_guard.core.guard` once and
 switch it off per batch; ``vllm`` (an offline engine) and ``openai`` (a running ``vlsae-guard
 serve``) switch it per request, so one engine serves both arms and vLLM's caches keep them apart.
 
@@ -101,7 +101,7 @@ class LocalGenerator(Generator):
     handle = None
 
     def attach(self, sae_dir, config) -> None:
-        from ..guard import guard
+        from ..core.guard import guard
 
         self.handle = guard(self.model, sae_dir, config=config)
 

@@ -199,7 +199,7 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-GUARD_FLAGS = ("mode", "method", "alpha", "text_grounded", "layer", "steer")
+GUARD_FLAGS = ("mode", "rewrite", "method", "alpha", "text_grounded", "layer", "steer")
 
 
 def run_demo(
@@ -210,7 +210,7 @@ def run_demo(
     Of ``args`` (this parser's), the demo uses ``out``, ``seed``, ``batch_size``, ``limit``,
     ``bootstrap`` and the guard settings; model, data and decoding are the demo's own.
     """
-    from .. import demo
+    from ..lab import demo
 
     out = args.out or Path("runs/demo")
     files = demo.prepare(out / "inputs", n_images=n_images, seed=args.seed)
@@ -257,7 +257,7 @@ def run_demo(
         f"VL-SAE fitted to it: {sae['n_concepts']} concepts, "
         f"k={sae['k']}, {sae['shared']} shared; explained variance vision "
         f"{sae['explained_variance_vision']:.2f}, text {sae['explained_variance_text']:.2f}\n"
-        f"guard: {results['settings']['guard']['method']}, "
+        f"guard: {results['settings']['guard']['rewrite']}, "
         f"alpha={results['settings']['guard']['alpha']}"
     )
     table = finish(results, out, "POPE demo (tiny random model)", [common.DEMO_NOTE])

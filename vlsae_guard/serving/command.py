@@ -1,7 +1,7 @@
 """The ``vlsae-guard serve MODEL --sae DIR [vllm args...]`` command.
 
 Guard flags may appear anywhere after MODEL; they are the ones every vlsae-guard tool accepts
-(:mod:`vlsae_guard.flags`), plus the serving ones. Everything else goes to vLLM unchanged.
+(:mod:`vlsae_guard.cli.guard_flags`), plus the serving ones. Everything else goes to vLLM unchanged.
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ from collections.abc import Sequence
 
 from pydantic import ValidationError
 
-from ..checkpoint import describe_validation_error
-from ..flags import add_guard_flags, settings_from_args
+from ..cli.guard_flags import add_guard_flags, settings_from_args
+from ..validation import describe_validation_error
 from .server import ServeError, prepare
 from .settings import ServeSettings
 

@@ -40,10 +40,10 @@ from vllm.model_executor.models.llava_next import (
 from vllm.multimodal import MULTIMODAL_REGISTRY
 from vllm.multimodal.inputs import MultiModalFieldConfig
 
-from ..checkpoint import load
-from ..guard import GuardStats
-from ..intervention import ProjectorIntervention
-from ..sae import SparseAutoencoder
+from ..core.checkpoint import load
+from ..core.guard import GuardStats
+from ..core.intervention import ProjectorIntervention
+from ..core.sae import SparseAutoencoder
 from . import routing
 from .settings import REQUEST_KEY, PluginConfigError, ServeSettings
 

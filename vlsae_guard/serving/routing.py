@@ -4,7 +4,7 @@ vLLM hands ``embed_multimodal`` the pixels of every image scheduled in a step, f
 requests at once, plus our per-image flag. The projector sees them stacked: LLaVA as
 ``(images, tokens, d)``, LLaVA-NeXT as ``(crops, tokens, d)`` with a variable number of crops
 per image, and some code paths flattened to ``(rows, d)``. These helpers map the flags onto
-those rows; the math itself is :class:`vlsae_guard.intervention.ProjectorIntervention`. Kept
+those rows; the math itself is :class:`vlsae_guard.core.intervention.ProjectorIntervention`. Kept
 free of vLLM so that they are tested in the fast suite.
 """
 

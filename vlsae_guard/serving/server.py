@@ -23,7 +23,7 @@ from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..checkpoint import CONFIG_NAME, read_config, resolve
+from ..core.checkpoint import CONFIG_NAME, read_config, resolve
 from .plugin import GUARDED
 from .settings import ServeSettings
 

@@ -9,26 +9,31 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from ..checkpoint import describe_validation_error
-from ..intervention import GuardConfig
+from ..core.intervention import GuardConfig
+from ..validation import describe_validation_error
 
 PREFIX = "VLSAE_GUARD_"
 ENV_SAE = PREFIX + "SAE"  # checkpoint directory or Hub id; enables the guard
 ENV_CONFIG = PREFIX + "CONFIG"  # GuardConfig fields: inline JSON, or a .json/.yaml file
 ENV_MODE = PREFIX + "MODE"
-ENV_METHOD = PREFIX + "METHOD"
+ENV_REWRITE = PREFIX + "REWRITE"
+ENV_METHOD = PREFIX + "METHOD"  # deprecated name of ENV_REWRITE
 ENV_ALPHA = PREFIX + "ALPHA"
 ENV_DEFAULT = PREFIX + "DEFAULT"  # on|off: requests that do not say are guarded or not
 ENV_DTYPE = PREFIX + "DTYPE"  # float32 (default) | model: the SAE's compute dtype
 ENV_LOG = PREFIX + "LOG"  # append one JSON line per projector call (what the hook saw)
-KNOWN = (ENV_SAE, ENV_CONFIG, ENV_MODE, ENV_METHOD, ENV_ALPHA, ENV_DEFAULT, ENV_DTYPE, ENV_LOG)
-_FIELD_ENV = {ENV_MODE: "mode", ENV_METHOD: "method", ENV_ALPHA: "alpha"}
+KNOWN = (
+    ENV_SAE, ENV_CONFIG, ENV_MODE, ENV_REWRITE, ENV_METHOD, ENV_ALPHA, ENV_DEFAULT, ENV_DTYPE,
+    ENV_LOG,
+)  # fmt: skip
+_FIELD_ENV = {ENV_MODE: "mode", ENV_REWRITE: "rewrite", ENV_METHOD: "rewrite", ENV_ALPHA: "alpha"}
 
 # The per-request switch: ``mm_processor_kwargs={"vlsae_guard": true|false}``.
 REQUEST_KEY = "vlsae_guard"
@@ -98,6 +103,10 @@ class ServeSettings(BaseModel):
                 f"{', '.join(sorted(ours))} set but {ENV_SAE} is not: the guard needs the SAE "
                 "checkpoint directory (without it the plugin changes nothing)"
             )
+        if ENV_METHOD in ours:
+            if ENV_REWRITE in ours:
+                raise PluginConfigError(f"set {ENV_REWRITE} only ({ENV_METHOD} is its old name)")
+            warnings.warn(f"{ENV_METHOD} is deprecated: use {ENV_REWRITE}", FutureWarning, 2)
         guard = _read_config(ours[ENV_CONFIG]) if ENV_CONFIG in ours else {}
         guard.update({field: ours[var] for var, field in _FIELD_ENV.items() if var in ours})
         values = {

@@ -22,7 +22,7 @@ from typing import Annotated, Any, Literal
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, DirectoryPath, Field, FilePath
 
-from .scoring.files import DataError, read_records
+from ..scoring.files import DataError, read_records
 
 
 class SourceError(ValueError):

@@ -23,9 +23,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..core.sae import SparseAutoencoder
 from ..outputs import write_with
-from ..sae import SparseAutoencoder
-from ..store import ActivationStore
+from ..pipeline.store import ActivationStore
 from .catalog import first_pairs, store_records
 from .monosemanticity import MSAccumulator
 from .pooled import ConceptsError, Pooling, iter_pooled

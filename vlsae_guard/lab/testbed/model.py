@@ -1,7 +1,7 @@
 """A small LLaVA trained from scratch on the testbed world, cached by what decides its weights.
 
 The architecture is the real one (``LlavaForConditionalGeneration``: CLIP vision tower,
-projector, Llama), sized by :mod:`vlsae_guard.tiny` and saved in the llava-hf hub layout, so
+projector, Llama), sized by :mod:`vlsae_guard.lab.tiny` and saved in the llava-hf hub layout, so
 every loader and backend takes the same path as with a 7B checkpoint. Training is a plain torch
 loop on captioning and POPE-style yes/no questions in the exact prompt the POPE harness sends
 with ``--prompt-format chat-template`` (the model's own template, ``"USER: <image>\\n{prompt}
@@ -27,10 +27,10 @@ import numpy as np
 import torch
 from pydantic import Field
 
+from ...pipeline.train import warmup_cosine
+from ...provenance import sha256_dir
+from ...scoring.pope import build_prompt
 from .. import tiny
-from ..provenance import sha256_dir
-from ..scoring.pope import build_prompt
-from ..train import warmup_cosine
 from .world import QUESTION, Scene, World, _Strict
 
 CAPTION_PROMPT = "Describe this image."

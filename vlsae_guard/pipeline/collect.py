@@ -29,11 +29,11 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from torch import Tensor, nn
 
-from .backends import detect
-from .backends.inputs import Inputs, load_for_collection, move, num_layers, read_model_config
-from .data import DataConfig, ImageError, Pair, PairSource, open_source
+from ..backends import detect
+from ..backends.inputs import Inputs, load_for_collection, move, num_layers, read_model_config
+from ..provenance import environment, sha256_dir
 from .distributed import Dist
-from .provenance import environment, sha256_dir
+from .pairs import DataConfig, ImageError, Pair, PairSource, open_source
 from .store import Header, Manifest, StoreWriter
 
 log = logging.getLogger(__name__)

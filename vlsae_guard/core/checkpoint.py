@@ -18,9 +18,10 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from .config import AuxConfig, SAEConfig
-from .outputs import refuse_non_empty, write_text, write_with
+from ..outputs import refuse_non_empty, write_text, write_with
+from ..validation import describe_validation_error
 from .sae import SparseAutoencoder, build
+from .sae_config import AuxConfig, SAEConfig
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -133,24 +134,6 @@ def read_config(file: Path) -> SAEConfig:
         return SAEConfig.model_validate(raw)
     except ValidationError as e:
         raise CheckpointError(f"{file}: invalid config\n{describe_validation_error(e)}") from e
-
-
-def describe_validation_error(
-    error: ValidationError, names: Mapping[str, str] | None = None
-) -> str:
-    """One line per problem: field path, what was expected, what was found.
-
-    ``names`` renames dotted field paths ("" for the model itself) for the reader: the CLI
-    shows its flags instead.
-    """
-    lines = []
-    for err in error.errors():
-        path = ".".join(str(p) for p in err["loc"])
-        where = names[path] if names and path in names else f"field {path or '(top level)'}"
-        found = err.get("input")
-        found = "" if isinstance(found, dict) else f" (found {found!r})"
-        lines.append(f"  {where}: {err['msg']}{found}")
-    return "\n".join(lines)
 
 
 def _shapes(module: torch.nn.Module, skip_prefix: str | None = None) -> dict[str, tuple]:

@@ -30,12 +30,12 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from .checkpoint import load, save
-from .config import AuxConfig, SAEConfig, Source
+from ..core.checkpoint import load, save
+from ..core.sae import AuxiliaryAE, SparseAutoencoder, build
+from ..core.sae_config import AuxConfig, SAEConfig, Source
+from ..outputs import write_text, write_with
+from ..provenance import environment
 from .distributed import Dist
-from .outputs import write_text, write_with
-from .provenance import environment
-from .sae import AuxiliaryAE, SparseAutoencoder, build
 from .store import MANIFEST, ActivationStore
 from .train_config import RESUME_MAY_CHANGE, AlignConfig, TrainConfig
 

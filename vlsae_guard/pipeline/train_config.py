@@ -12,7 +12,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from .config import Architecture
+from ..core.sae_config import Architecture
 
 # Fields that do not change what is computed (only where and how visibly).
 RESUME_MAY_CHANGE = frozenset({"progress", "device", "amp", "checkpoint_every", "out", "store"})

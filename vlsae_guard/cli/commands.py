@@ -27,22 +27,23 @@ from pydantic import (
     model_validator,
 )
 
-from . import __version__
-from .backends import UnsupportedModelError
-from .checkpoint import (
+from .. import __version__
+from ..backends import UnsupportedModelError
+from ..core.checkpoint import (
     CONFIG_NAME,
     OFFICIAL_TOPK,
     CheckpointError,
-    describe_validation_error,
     import_official,
     load,
     read_config,
     resolve,
 )
-from .config import SAEConfig, Source
-from .harness.common import BenchmarkError
-from .outputs import check_writable, refuse_non_empty, write_text
-from .scoring.files import DataError
+from ..core.intervention import REWRITES
+from ..core.sae_config import SAEConfig, Source
+from ..harness.common import BenchmarkError
+from ..outputs import check_writable, refuse_non_empty, write_text
+from ..scoring.files import DataError
+from ..validation import describe_validation_error
 
 PROG = "vlsae-guard"
 EXIT_ERROR = 2
@@ -266,21 +267,30 @@ def info_command(args: argparse.Namespace) -> None:
     arg("--images", type=int, default=24, help="generated images (3 questions each)"),
     arg("--seed", type=int, default=0),
     arg("--alpha", type=float, default=0.5),
-    arg("--method", choices=["replace", "edit"], default="replace"),
+    arg("--rewrite", choices=REWRITES, default="replace", help="replace (default) or edit"),
+    arg("--method", choices=REWRITES, help="deprecated name of --rewrite"),
     arg("--batch-size", type=int, default=8),
     arg("--out", type=Path, default=Path("runs/demo"), help="output directory"),
 )
 def demo_command(args: argparse.Namespace) -> None:
     """Same as ``python benchmarks/pope.py --demo``: build a tiny LLaVA, a VL-SAE fitted to it,
     images and POPE questions; run the A/B harness; print both arms, deltas and McNemar's p."""
-    from .harness import pope as harness
+    from ..harness import pope as harness
 
     bench = harness.parser().parse_args(
         ["--demo", "--out", str(args.out), "--seed", str(args.seed)]
         + ["--batch-size", str(args.batch_size)]
-        + ["--vlsae-alpha", str(args.alpha), "--vlsae-method", args.method]
+        + ["--vlsae-alpha", str(args.alpha), "--vlsae-rewrite", _rewrite(args)]
     )
     print(harness.run_demo(bench, n_images=args.images)[1])
+
+
+def _rewrite(args: argparse.Namespace) -> str:
+    """--rewrite, or its deprecated name --method (with a warning)."""
+    if args.method is None:
+        return args.rewrite
+    print(f"{PROG}: warning: --method is deprecated, use --rewrite {args.method}", file=sys.stderr)
+    return args.method
 
 
 # --- score -------------------------------------------------------------------------------------
@@ -321,7 +331,7 @@ def score_pope_command(args: argparse.Namespace) -> None:
     """POPE metrics exactly as LLaVA's eval_pope.py computes them, in percent: accuracy,
     precision, recall, F1 (positive class yes), yes_ratio; with several question files also the
     mean F1 over them (LLaVA's reported number)."""
-    from .scoring import pope, report
+    from ..scoring import pope, report
 
     result = pope.score_files(
         args.questions, args.answers, args.strict, args.allow_missing, not args.ignore_prompts
@@ -375,7 +385,7 @@ def score_pope_command(args: argparse.Namespace) -> None:
 def score_chair_command(args: argparse.Namespace) -> None:
     """CHAIR as the standard chair.py computes it: CHAIR_s, CHAIR_i, Recall in percent and Len
     (tokens per caption)."""
-    from .scoring import chair, report
+    from ..scoring import chair, report
 
     result, scores = chair.score_file(
         args.captions, args.coco_annotations, args.image_id_key, args.caption_key
@@ -504,9 +514,9 @@ def collect_command(args: argparse.Namespace) -> None:
     and write the rows to safetensors shards with a manifest. Killed, it resumes where it was
     when run again with the same settings. Multi-GPU: torchrun --nproc-per-node N -m
     vlsae_guard.cli collect ..."""
-    from .collect import CollectConfig, collect
-    from .data import SourceError
-    from .store import StoreError
+    from ..pipeline.collect import CollectConfig, collect
+    from ..pipeline.pairs import SourceError
+    from ..pipeline.store import StoreError
 
     flags = _same_name_flags(args, CollectConfig, exclude={"data", "hash_model"})
     # A source given by flags replaces the file's whole data section (formats differ in fields).
@@ -597,9 +607,9 @@ def train_command(args: argparse.Namespace) -> None:
     trains the SAE with a held-out split, best-validation checkpointing and early stopping; the
     shared-concept set is computed at the end and stored in the checkpoint's config. Rerun the
     same command to resume. Multi-GPU: torchrun --nproc-per-node N -m vlsae_guard.cli train ..."""
-    from .store import StoreError
-    from .train import TrainError, train
-    from .train_config import TrainConfig
+    from ..pipeline.store import StoreError
+    from ..pipeline.train import TrainError, train
+    from ..pipeline.train_config import TrainConfig
 
     flags = _same_name_flags(args, TrainConfig, exclude={"align", "aux_k_coef"})
     align = {
@@ -680,8 +690,8 @@ _POOLING = arg(
 @contextmanager
 def _concepts_usage() -> Iterator[None]:
     """The expected failures of the concept commands become usage errors (no traceback)."""
-    from .concepts import ConceptsError
-    from .store import StoreError
+    from ..concepts import ConceptsError
+    from ..pipeline.store import StoreError
 
     try:
         yield
@@ -699,7 +709,8 @@ def _concepts_usage() -> Iterator[None]:
     arg("--top", type=int, default=10, help="concepts listed (default 10)"),
     _POOLING,
     arg("--catalog", type=Path, metavar="catalog.json", help="labels from `vlsae-guard catalog`"),
-    arg("--method", choices=["replace", "edit"], default="replace", help="guard method"),
+    arg("--rewrite", choices=REWRITES, default="replace", help="how the guard rewrites tokens"),
+    arg("--method", choices=REWRITES, help="deprecated name of --rewrite"),
     arg(
         "--text-grounded",
         action="store_true",
@@ -713,10 +724,10 @@ def inspect_command(args: argparse.Namespace) -> None:
     and pool them per concept; list the strongest concepts with their labels. For an image and
     a projector-site SAE, also list which of its concepts the guard keeps (the shared set) and
     which it removes: what separates the guarded answer from the unguarded one."""
-    from .backends.inputs import load_for_collection
-    from .concepts.catalog import read_catalog
-    from .concepts.inspect import format_inspection, inspect_rows, read_tokens
-    from .intervention import GuardConfig
+    from ..backends.inputs import load_for_collection
+    from ..concepts.catalog import read_catalog
+    from ..concepts.inspect import format_inspection, inspect_rows, read_tokens
+    from ..core.intervention import GuardConfig
 
     opts = validated(
         InspectArgs,
@@ -735,7 +746,7 @@ def inspect_command(args: argparse.Namespace) -> None:
         rows = read_tokens(model, inputs, sae, image, opts.text)
         guard = None
         if sae.config.source.site in (None, "projector"):
-            guard = GuardConfig(method=args.method, text_grounded=args.text_grounded)
+            guard = GuardConfig(rewrite=_rewrite(args), text_grounded=args.text_grounded)
         report = {}
         for modality, name in (("vision", str(opts.image)), ("text", repr(opts.text))):
             if modality not in rows:
@@ -788,8 +799,8 @@ def catalog_command(args: argparse.Namespace) -> None:
     """Encode every image and caption of a store with the SAE, keep each concept's N strongest
     images and captions, label it with its most characteristic caption words (lift,
     stopwords removed), and write catalog.json plus index.html with thumbnails."""
-    from .concepts.catalog import build_catalog, write_catalog
-    from .store import ActivationStore
+    from ..concepts.catalog import build_catalog, write_catalog
+    from ..pipeline.store import ActivationStore
 
     opts = validated(
         CatalogArgs,
@@ -847,8 +858,8 @@ def ms_command(args: argparse.Namespace) -> None:
     concept, s = cosine similarity of the embeddings), in closed form, streamed over the
     store. Prints the distribution (mean, median, best, dead) for the SAE's concepts and for
     the model's raw neurons (the paper's baseline); writes ms.json and ms_histogram.png."""
-    from .concepts.ms import MSResult, histogram, store_monosemanticity
-    from .store import ActivationStore
+    from ..concepts.ms_store import MSResult, histogram, store_monosemanticity
+    from ..pipeline.store import ActivationStore
 
     opts = validated(
         MSArgs,
@@ -903,15 +914,15 @@ def _nan_to_none(scores: dict[str, list[float]]) -> dict[str, list[float | None]
 def serve_command(args: argparse.Namespace) -> None:
     """Start `python -m vllm.entrypoints.openai.api_server` for MODEL with the guard.
 
-    Guard flags (anywhere after MODEL): --sae DIR, --vlsae-method replace|edit, --vlsae-alpha A,
+    Guard flags (anywhere after MODEL): --sae DIR, --vlsae-rewrite replace|edit, --vlsae-alpha A,
     --vlsae-steer JSON, --vlsae-default on|off (requests that do not say), --vlsae-dtype
     float32|model, --vlsae-log FILE, --dry-run (print the command). Every other flag goes to
     vLLM. Clients switch per request with extra_body={"mm_processor_kwargs": {"vlsae_guard":
     false}} (the server runs with --trust-request-mm-kwargs).
     """
-    from .serving.command import serve
-    from .serving.server import ServeError
-    from .serving.settings import PluginConfigError
+    from ..serving.command import serve
+    from ..serving.server import ServeError
+    from ..serving.settings import PluginConfigError
 
     try:
         serve(args.model, args.sae, args.vllm_args)

@@ -21,10 +21,10 @@ import torch
 from PIL import Image, ImageDraw
 from torch import Tensor
 
+from ..backends import detect
+from ..core.sae import VLSAE
+from ..core.sae_config import SAEConfig, Source
 from . import tiny
-from .backends import detect
-from .config import SAEConfig, Source
-from .sae import VLSAE
 
 SHAPES = ("circle", "square", "triangle")
 COLOURS = {

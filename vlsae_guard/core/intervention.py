@@ -35,8 +35,10 @@ class GuardConfig(BaseModel):
     alpha: float = Field(ge=0.0, le=1.0)  # filled by _default_alpha when not given
 
     # -- projector mode ---------------------------------------------------------------------
+    # How the image tokens are rewritten (called ``method`` before 0.2; ``method`` now names the
+    # inference method, e.g. none / paper / vcd, as issues and papers do):
     # replace: v' = (1 - alpha) v + alpha D(z * 1_S);  edit: v' = v + alpha (D(z * 1_S) - D(z)).
-    method: Literal["replace", "edit"] = "replace"
+    rewrite: Literal["replace", "edit"] = "replace"
     # Further restrict S per sample to the concepts the prompt's own text tokens activate.
     text_grounded: bool = False
     # Override the checkpoint's shared-concept set.
@@ -56,8 +58,10 @@ class GuardConfig(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _default_alpha(cls, data):
-        if isinstance(data, dict) and data.get("alpha") is None:
-            data = {**data, "alpha": 0.8 if data.get("mode") == "paper" else 0.5}
+        if isinstance(data, dict):
+            data = rename_deprecated_method(data)
+            if data.get("alpha") is None:
+                data = {**data, "alpha": 0.8 if data.get("mode") == "paper" else 0.5}
         return data
 
     @model_validator(mode="after")
@@ -91,6 +95,27 @@ class GuardConfig(BaseModel):
 
 
 _PAPER_ONLY = ("layer", "point", "beta", "c_alpha", "c_beta", "exact")
+REWRITES = ("replace", "edit")
+
+
+def rename_deprecated_method(settings: dict) -> dict:
+    """``method="replace"|"edit"`` (before 0.2) -> ``rewrite=...``, with a FutureWarning (shown
+    to command-line users too, unlike DeprecationWarning).
+
+    Only those two values move: ``method`` is the inference method's name from now on.
+    """
+    if settings.get("method") not in REWRITES:
+        return settings
+    if settings.get("rewrite") is not None:
+        raise ValueError("give rewrite= only (method='replace'/'edit' is its deprecated name)")
+    warnings.warn(
+        f"method={settings['method']!r} is deprecated: the projector rewrite is now "
+        f"rewrite={settings['method']!r} ('method' names the inference method)",
+        FutureWarning,
+        stacklevel=4,
+    )
+    rest = {k: v for k, v in settings.items() if k not in ("method", "rewrite")}
+    return {**rest, "rewrite": settings["method"]}
 
 
 class ProjectorIntervention:
@@ -168,7 +193,7 @@ class ProjectorIntervention:
         out = x
         if cfg.alpha:
             keep = self.keep(codes, owners, text_masks)
-            if cfg.method == "replace":
+            if cfg.rewrite == "replace":
                 kept = Codes(codes.values * keep, codes.indices, codes.n_concepts)
                 out = torch.lerp(x, decoder.sparse(kept), cfg.alpha)
             else:

@@ -30,8 +30,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
-from .checkpoint import describe_validation_error
-from .outputs import write_text, write_with
+from ..outputs import write_text, write_with
+from ..validation import describe_validation_error
 
 log = logging.getLogger(__name__)
 FORMAT = "vlsae-guard/activations"

@@ -1,9 +1,9 @@
 """The testbed experiment: world -> model -> VL-SAE -> guard settings on val -> POPE A/B on test.
 
 Per seed: build the world, train (or load from the cache) the LLaVA, collect its activations
-on training images with :func:`vlsae_guard.collect.collect`, train the VL-SAEs with
-:func:`vlsae_guard.train.train` (projector site; and ``layer:L`` with the auxiliary AE for paper
-mode), run the POPE harness A/B on the *validation* questions for every guard variant and
+on training images with :func:`vlsae_guard.pipeline.collect.collect`, train the VL-SAEs with
+:func:`vlsae_guard.pipeline.train.train` (projector site; and ``layer:L`` with the auxiliary AE
+for paper mode), run the POPE harness A/B on the *validation* questions for every guard variant and
 alpha, choose each variant's alpha there (:func:`choose`, a function of validation numbers
 only), and run the harness once per variant at that alpha on the *test* questions. Seeds are
 then pooled (:func:`aggregate`): means of the metrics and McNemar's exact test on the summed
@@ -25,14 +25,14 @@ import numpy as np
 import torch
 from pydantic import Field, model_validator
 
-from .. import provenance
-from ..collect import CollectConfig, collect
-from ..data import JsonlData
-from ..harness import common
-from ..harness import pope as pope_harness
-from ..scoring.stats import discordant, mcnemar_p
-from ..train import train
-from ..train_config import AlignConfig, TrainConfig
+from ... import provenance
+from ...harness import common
+from ...harness import pope as pope_harness
+from ...pipeline.collect import CollectConfig, collect
+from ...pipeline.pairs import JsonlData
+from ...pipeline.train import train
+from ...pipeline.train_config import AlignConfig, TrainConfig
+from ...scoring.stats import discordant, mcnemar_p
 from .model import ModelConfig, TrainingConfig, trained_model
 from .world import QUESTION_SETS, Statistics, World, WorldConfig, _Strict, build_world
 
@@ -58,7 +58,7 @@ class Variant(_Strict):
 
     name: str
     mode: Literal["projector", "paper"] = "projector"
-    method: Literal["replace", "edit"] = "replace"
+    rewrite: Literal["replace", "edit"] = "replace"
     text_grounded: bool = False
 
     def flags(self, alpha: float, layer: int) -> list[str]:
@@ -66,13 +66,13 @@ class Variant(_Strict):
         flags = ["--vlsae-mode", self.mode, "--vlsae-alpha", str(alpha)]
         if self.mode == "paper":
             return flags + ["--vlsae-layer", str(layer)]
-        flags += ["--vlsae-method", self.method]
+        flags += ["--vlsae-rewrite", self.rewrite]
         return flags + (["--vlsae-text-grounded"] if self.text_grounded else [])
 
 
 DEFAULT_VARIANTS = (
     Variant(name="replace"),
-    Variant(name="edit", method="edit"),
+    Variant(name="edit", rewrite="edit"),
     Variant(name="replace+text", text_grounded=True),
     Variant(name="paper", mode="paper"),
 )

@@ -11,8 +11,8 @@ import json
 
 from pydantic import ValidationError
 
-from .checkpoint import describe_validation_error
-from .intervention import GuardConfig
+from ..core.intervention import REWRITES, GuardConfig
+from ..validation import describe_validation_error
 
 
 def add_guard_flags(parser: argparse.ArgumentParser, prefix: str = "vlsae-") -> None:
@@ -25,7 +25,18 @@ def add_guard_flags(parser: argparse.ArgumentParser, prefix: str = "vlsae-") -> 
         help="VL-SAE checkpoint directory (or Hub id); enables the guard",
     )
     group.add_argument(f"--{prefix}mode", choices=["projector", "paper"], default="projector")
-    group.add_argument(f"--{prefix}method", choices=["replace", "edit"], default=None)
+    group.add_argument(
+        f"--{prefix}rewrite",
+        choices=REWRITES,
+        default=None,
+        help="projector mode: replace (default) or edit the image tokens",
+    )
+    group.add_argument(
+        f"--{prefix}method",
+        choices=REWRITES,
+        default=None,
+        help=f"deprecated name of --{prefix}rewrite",
+    )
     group.add_argument(f"--{prefix}alpha", type=float, default=None)
     group.add_argument(f"--{prefix}text-grounded", action="store_true", default=None)
     group.add_argument(f"--{prefix}layer", type=int, default=None, help="paper mode: layer L")
@@ -43,7 +54,7 @@ def settings_from_args(args: argparse.Namespace, prefix: str = "vlsae-") -> Guar
     attr = prefix.replace("-", "_")
     if ns.get(f"{attr}guard") is None:
         return None
-    fields = ("mode", "method", "alpha", "text_grounded", "layer", "steer")
+    fields = ("mode", "rewrite", "method", "alpha", "text_grounded", "layer", "steer")
     given = {f: ns.get(f"{attr}{f}") for f in fields}
     given = {f: v for f, v in given.items() if v is not None}
     names = {f: f"--{prefix}{f.replace('_', '-')}" for f in fields}
@@ -87,6 +98,6 @@ def guard_from_args(model, args: argparse.Namespace, prefix: str = "vlsae-"):
     config = settings_from_args(args, prefix)
     if config is None:
         return None
-    from .guard import guard
+    from ..core.guard import guard
 
     return guard(model, vars(args)[f"{prefix.replace('-', '_')}guard"], config=config)

@@ -17,7 +17,7 @@ import torch
 from pydantic import ValidationError
 from torch import Tensor, nn
 
-from .backends import Backend, Prompt, detect
+from ..backends import Backend, Prompt, detect
 from .checkpoint import CheckpointError, check_module, load
 from .intervention import GuardConfig, ProjectorIntervention
 from .paper import FusionProcessor, PaperIntervention, PaperState
@@ -212,7 +212,7 @@ def guard(
 ) -> GuardHandle:
     """Attach ``sae`` to ``model``'s multimodal projector and return the handle.
 
-    ``settings`` are :class:`GuardConfig` fields (``method``, ``alpha``, ``text_grounded``,
+    ``settings`` are :class:`GuardConfig` fields (``rewrite``, ``alpha``, ``text_grounded``,
     ``shared_concepts``, ``steer``); pass either them or a ``config``.
     """
     if config is not None and settings:

@@ -15,8 +15,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..backends.inputs import load_for_collection
-from ..collect import SiteReader
+from ...backends.inputs import load_for_collection
+from ...pipeline.collect import SiteReader
 from .world import Scene, World, build_world
 
 PROBE_SEED_OFFSET = 1000  # probe images: the validation split of world seed + this offset

@@ -8,7 +8,7 @@ Conventions
 * Decoder directions are stored as rows: ``decoder.weight`` has shape ``(n_concepts, d)``, so
   decoding ``k`` active concepts gathers ``k`` contiguous rows (``embedding_bag``) instead of a
   dense ``n_concepts x d`` product. Mathematically it is ``Linear(n_concepts -> d, bias=True)``
-  with the weight transposed; :mod:`vlsae_guard.checkpoint` converts the official layout.
+  with the weight transposed; :mod:`vlsae_guard.core.checkpoint` converts the official layout.
 * TopK keeps exactly ``k`` concepts per row. The reference code keeps the entries strictly above
   the ``(n - k)``-th smallest value, which drops *all* members of a tie at the boundary; ours
   keeps ``k`` of them (``torch.topk`` picks which). Outside exact ties the two agree.
@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .config import MODALITIES, AuxConfig, Modality, SAEConfig
+from .sae_config import MODALITIES, AuxConfig, Modality, SAEConfig
 
 
 class Codes(NamedTuple):
