@@ -18,7 +18,6 @@ answer and counted as ``unanswered``.
 
 from __future__ import annotations
 
-import hashlib
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -27,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..provenance import sha256_file
 from . import stats
 from .files import DataError, data_path, format_ids, read_records, require
 from .stats import mcnemar_exact  # noqa: F401  (part of this module's API: pope.mcnemar_exact)
@@ -137,12 +137,8 @@ def _shipped_by_hash() -> dict[str, tuple[str, str]]:
     for dataset, info in DATASETS.items():
         for split in SPLITS:
             path = shipped_path(dataset, split)
-            out[_sha256(path)] = (f"{dataset}/{split}", info.version)
+            out[sha256_file(path)] = (f"{dataset}/{split}", info.version)
     return out
-
-
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def load_questions(spec: str | os.PathLike) -> QuestionSet:
@@ -181,7 +177,7 @@ def load_questions(spec: str | os.PathLike) -> QuestionSet:
         )
     if not questions:
         raise DataError(f"{path}: no questions")
-    digest = _sha256(path)
+    digest = sha256_file(path)
     known = _shipped_by_hash().get(digest)
     if known and name == path.stem:
         name = known[0]
