@@ -38,8 +38,7 @@ from vlsae_guard.lab import tiny
 from vlsae_guard.lab.demo import make_scenes
 from vlsae_guard.pipeline.collect import CollectConfig, collect
 from vlsae_guard.pipeline.store import ActivationStore
-from vlsae_guard.pipeline.train import train
-from vlsae_guard.pipeline.train_config import TrainConfig
+from vlsae_guard.pipeline.train import TrainConfig, train
 
 
 def parse_args() -> argparse.Namespace:

@@ -26,13 +26,13 @@ from vlsae_guard.pipeline.store import ActivationStore
 from vlsae_guard.pipeline.train import (
     STATE,
     SAEObjective,
+    TrainConfig,
     Trainer,
     TrainError,
     firing_counts,
     shared_concepts,
     train,
 )
-from vlsae_guard.pipeline.train_config import TrainConfig
 
 TESTS = Path(__file__).parent
 
@@ -237,8 +237,7 @@ def test_token_rows_and_cycling(tmp_path):
 
 _DDP_SCRIPT = """
 import json, os, sys, torch
-from vlsae_guard.pipeline.train import Trainer, train
-from vlsae_guard.pipeline.train_config import TrainConfig
+from vlsae_guard.pipeline.train import Trainer, TrainConfig, train
 
 torch.set_num_threads(1)
 seen, final = [], {}

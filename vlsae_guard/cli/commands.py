@@ -608,8 +608,7 @@ def train_command(args: argparse.Namespace) -> None:
     shared-concept set is computed at the end and stored in the checkpoint's config. Rerun the
     same command to resume. Multi-GPU: torchrun --nproc-per-node N -m vlsae_guard.cli train ..."""
     from ..pipeline.store import StoreError
-    from ..pipeline.train import TrainError, train
-    from ..pipeline.train_config import TrainConfig
+    from ..pipeline.train import TrainConfig, TrainError, train
 
     flags = _same_name_flags(args, TrainConfig, exclude={"align", "aux_k_coef"})
     align = {

@@ -20,7 +20,7 @@ from torch import Tensor
 
 from ..outputs import refuse_non_empty, write_text, write_with
 from ..validation import describe_validation_error
-from .sae import SparseAutoencoder, build
+from .sae import PERSISTENCE, SparseAutoencoder, build
 from .sae_config import AuxConfig, SAEConfig
 
 CONFIG_NAME = "config.json"
@@ -69,6 +69,9 @@ def load(
             "aux section describing it"
         )
     return sae.to(device=device, dtype=dtype).eval()
+
+
+PERSISTENCE.update(load=load, save=save)  # SparseAutoencoder.from_pretrained / save_pretrained
 
 
 def resolve(path_or_hub_id: str | os.PathLike, revision: str | None = None) -> Path:

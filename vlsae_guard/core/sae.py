@@ -17,7 +17,8 @@ Conventions
 from __future__ import annotations
 
 import itertools
-from typing import NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -173,12 +174,10 @@ class SparseAutoencoder(nn.Module):
     def device(self) -> torch.device:
         return next(itertools.chain(self.parameters(), self.buffers())).device
 
-    # Persistence lives in checkpoint.py; these are the public entry points.
+    # The public entry points of checkpoint.py's load and save (see PERSISTENCE).
     @classmethod
     def from_pretrained(cls, path_or_hub_id: str, **kwargs) -> SparseAutoencoder:
-        from .checkpoint import load
-
-        sae = load(path_or_hub_id, **kwargs)
+        sae = PERSISTENCE["load"](path_or_hub_id, **kwargs)
         if not isinstance(sae, cls):
             raise TypeError(
                 f"{path_or_hub_id} holds a {type(sae).__name__} "
@@ -187,9 +186,7 @@ class SparseAutoencoder(nn.Module):
         return sae
 
     def save_pretrained(self, directory) -> None:
-        from .checkpoint import save
-
-        save(self, directory)
+        PERSISTENCE["save"](self, directory)
 
     def with_config(self, **updates) -> SparseAutoencoder:
         """Replace config fields (e.g. statistics after training), validated like a load."""
@@ -302,6 +299,13 @@ ARCHITECTURES: dict[str, type[SparseAutoencoder]] = {"vl-sae": VLSAE, "sae-v": S
 def build(config: SAEConfig) -> SparseAutoencoder:
     """Instantiate the architecture a config names (random initialisation)."""
     return ARCHITECTURES[config.architecture](config)
+
+
+# Checkpoint files are checkpoint.py's business, and it imports this module to build what it
+# reads. So that the dependency runs one way (the math knows no file format), checkpoint.py puts
+# its ``load`` and ``save`` here when it is imported; ``import vlsae_guard`` imports it, and so
+# does any import of this module, which runs the package's __init__ first.
+PERSISTENCE: dict[str, Callable[..., Any]] = {}
 
 
 def _check_modality(modality: str) -> None:

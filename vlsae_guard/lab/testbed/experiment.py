@@ -30,8 +30,7 @@ from ...harness import common
 from ...harness import pope as pope_harness
 from ...pipeline.collect import CollectConfig, collect
 from ...pipeline.pairs import JsonlData
-from ...pipeline.train import train
-from ...pipeline.train_config import AlignConfig, TrainConfig
+from ...pipeline.train import AlignConfig, TrainConfig, train
 from ...scoring.stats import discordant, mcnemar_p
 from .model import ModelConfig, TrainingConfig, trained_model
 from .world import QUESTION_SETS, Statistics, World, WorldConfig, _Strict, build_world

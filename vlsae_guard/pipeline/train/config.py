@@ -2,7 +2,7 @@
 
 The resolved config is written next to the checkpoint (``training.json``), so a checkpoint
 always says how it was made. A resumed run must use the same settings except the ones in
-:data:`RESUME_MAY_CHANGE`.
+:data:`RESUME_MAY_CHANGE`. Settings that cannot train on a store raise :class:`TrainError`.
 """
 
 from __future__ import annotations
@@ -12,10 +12,14 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from ..core.sae_config import Architecture
+from ...core.sae_config import Architecture, AuxConfig, SAEConfig, Source
 
 # Fields that do not change what is computed (only where and how visibly).
 RESUME_MAY_CHANGE = frozenset({"progress", "device", "amp", "checkpoint_every", "out", "store"})
+
+
+class TrainError(ValueError):
+    """Training cannot start or resume; the message says why."""
 
 
 class _Strict(BaseModel):
@@ -86,3 +90,37 @@ class TrainConfig(_Strict):
         if self.aux_k is not None:
             return min(self.aux_k, n_concepts)
         return min(2 * self.k, n_concepts // 2)
+
+    def check_fits(self, site: str, dims: dict[str, int], world: int) -> None:
+        """Refuse settings that cannot train on a store of this site and these widths."""
+        if site == "projector" and self.align is not None:
+            raise TrainError(
+                "stage 1 (align) projects each modality into a new space, but at the projector "
+                "site both already share the language model's input space and the guard's "
+                "projector mode reads raw projector outputs: drop the align settings"
+            )
+        if self.align is None and dims["vision"] != dims["text"]:
+            raise TrainError(
+                f"vision rows are {dims['vision']}-d and text rows {dims['text']}-d: one SAE "
+                "needs one width, so enable stage 1 (align) to project both to d_proj"
+            )
+        batches = {"batch_size": self.batch_size}
+        if self.align is not None:
+            batches["align.batch_size"] = self.align.batch_size
+        for what, batch in batches.items():
+            if batch % world:
+                raise TrainError(f"{what} ({batch}) must be a multiple of {world} ranks")
+
+    def sae_config(self, d_in: int, source: Source, aux: AuxConfig | None) -> SAEConfig:
+        """The stage-2 SAE these settings make for ``d_in``-wide rows."""
+        n = self.concepts(d_in)
+        if self.k > n:
+            raise TrainError(f"k ({self.k}) must be <= the number of concepts ({n})")
+        return SAEConfig(
+            architecture=self.architecture,
+            d_in=d_in,
+            n_concepts=n,
+            k=self.k,
+            source=source,
+            aux=aux,
+        )

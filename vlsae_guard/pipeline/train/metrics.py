@@ -1,0 +1,139 @@
+"""What is measured: each stage's validation pass, firing frequencies, the shared concepts.
+
+Every pass reads this rank's share of the windows and sums over ranks, so all ranks return the
+same numbers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ...core.sae import SparseAutoencoder
+from .objectives import AlignObjective
+from .streams import Streams, pair_means
+
+
+class _Moments:
+    """Sums that give explained variance after an all-reduce: n, sum x, sum |x|^2, SSE."""
+
+    def __init__(self, d: int, device: torch.device):
+        self.sums = torch.zeros(d + 3, dtype=torch.float64, device=device)
+
+    def add(self, x: Tensor, recon: Tensor) -> None:
+        x64 = x.double()
+        self.sums[0] += len(x)
+        self.sums[1] += x64.pow(2).sum()
+        self.sums[2] += (x64 - recon.double()).pow(2).sum()
+        self.sums[3:] += x64.sum(0)
+
+    def explained_variance(self) -> float:
+        n, sq, sse, total = self.sums[0], self.sums[1], self.sums[2], self.sums[3:]
+        variance = sq - total.pow(2).sum() / n.clamp_min(1)
+        return float(1 - sse / variance.clamp_min(1e-30))
+
+    def mse(self, d: int) -> float:
+        return float(self.sums[2] / (self.sums[0].clamp_min(1) * d))
+
+
+def overlap(a: Tensor, b: Tensor, chunk: int = 256) -> Tensor:
+    """Per row, the share of ``a``'s top-k indices that are also in ``b``'s."""
+    out = []
+    for i in range(0, len(a), chunk):
+        x, y = a[i : i + chunk], b[i : i + chunk]
+        out.append((x.unsqueeze(-1) == y.unsqueeze(-2)).any(-1).float().mean(-1))
+    return torch.cat(out) if out else a.new_zeros(0, dtype=torch.float32)
+
+
+@torch.no_grad()
+def validate_align(
+    objective: AlignObjective, streams: Streams, batch_size: int, autocast: Any
+) -> dict[str, float]:
+    """Stage 1: the objective on validation pair means, and how often a vision projection's
+    nearest text projection (within its batch) is its own caption's."""
+    device = streams.device
+    sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, correct, n, chunks
+    for positions in streams.mine(streams.windows("val")):
+        _, v, t = pair_means(streams.load(positions, "val"))
+        for i in range(0, len(v), batch_size):
+            vb, tb = v[i : i + batch_size], t[i : i + batch_size]
+            with autocast():
+                loss, _ = objective(vb, tb)
+            ev, et = objective.aux.project(vb, "vision"), objective.aux.project(tb, "text")
+            hits = (ev @ et.T).argmax(-1) == torch.arange(len(vb), device=vb.device)
+            sums += torch.tensor(
+                [float(loss) * len(vb), float(hits.sum()), len(vb), 1], device=device
+            )
+    streams.dist.sum_(sums)
+    n = float(sums[2].clamp_min(1))
+    return {"val_loss": float(sums[0]) / n, "val_retrieval_accuracy": float(sums[1]) / n}
+
+
+@torch.no_grad()
+def validate_sae(sae: SparseAutoencoder, streams: Streams, autocast: Any) -> dict[str, float]:
+    """Stage 2: reconstruction error, explained variance and L0 per modality on the validation
+    rows, and the cross-modal overlap of each pair's top-k concepts."""
+    d, device = sae.config.d_in, streams.device
+    moments = {m: _Moments(d, device) for m in ("vision", "text")}
+    extra = torch.zeros(4, dtype=torch.float64, device=device)  # l0 v, l0 t, overlap, n
+    was_training = sae.training
+    sae.eval()
+    for positions in streams.mine(streams.windows("val")):
+        data = streams.load(positions, "val")
+        for j, m in enumerate(("vision", "text")):
+            for x in data[m].split(4096):
+                with autocast():
+                    codes = sae.encode_topk(x, m)
+                    recon = sae.decode(codes, m).float()
+                moments[m].add(x, recon)
+                extra[j] += (codes.values != 0).sum()
+        _, v, t = pair_means(data)
+        shared = overlap(sae.encode_topk(v, "vision").indices, sae.encode_topk(t, "text").indices)
+        extra[2] += shared.sum()
+        extra[3] += len(shared)
+    sae.train(was_training)
+    for m in moments.values():
+        streams.dist.sum_(m.sums)
+    streams.dist.sum_(extra)
+    return {
+        "val_loss": moments["vision"].mse(d) + moments["text"].mse(d),
+        "explained_variance_vision": moments["vision"].explained_variance(),
+        "explained_variance_text": moments["text"].explained_variance(),
+        "l0_vision": float(extra[0] / moments["vision"].sums[0].clamp_min(1)),
+        "l0_text": float(extra[1] / moments["text"].sums[0].clamp_min(1)),
+        "cross_modal_overlap": float(extra[2] / extra[3].clamp_min(1)),
+    }
+
+
+@torch.no_grad()
+def firing_counts(sae: SparseAutoencoder, windows: Iterable[dict[str, Tensor]]) -> Tensor:
+    """(2, n_concepts + 1) float64: per modality, rows each concept fires on, then rows seen.
+
+    "Fires" = among the row's top-k with a non-zero activation.
+    """
+    counts = torch.zeros(2, sae.n_concepts + 1, dtype=torch.float64)
+    for data in windows:
+        for j, m in enumerate(("vision", "text")):
+            for x in data[m].split(4096):
+                codes = sae.encode_topk(x.to(sae.device), m)
+                idx = codes.indices[codes.values > 0].cpu()
+                counts[j, :-1] += torch.bincount(idx, minlength=sae.n_concepts).double()
+                counts[j, -1] += len(x)
+    return counts
+
+
+def frequencies(sae: SparseAutoencoder, streams: Streams) -> dict[str, Tensor]:
+    """Per modality, the share of training rows each concept fires on (all ranks' rows)."""
+    windows = streams.mine(streams.windows("train"))
+    counts = firing_counts(sae, (streams.load(p, "train") for p in windows)).to(streams.device)
+    streams.dist.sum_(counts)
+    freq = (counts[:, :-1] / counts[:, -1:].clamp_min(1)).float().cpu()
+    return {"vision": freq[0], "text": freq[1]}
+
+
+def shared_concepts(freq_vision: Tensor, freq_text: Tensor, threshold: float) -> list[int]:
+    """Concepts firing on at least ``threshold`` of the rows of *both* modalities."""
+    return torch.nonzero((freq_vision >= threshold) & (freq_text >= threshold)).flatten().tolist()
