@@ -33,7 +33,7 @@ import torch
 from PIL import Image
 
 from vlsae_guard.backends import detect
-from vlsae_guard.backends.inputs import HFInputs
+from vlsae_guard.backends.hf import HFInputs
 from vlsae_guard.lab import tiny
 from vlsae_guard.lab.demo import make_scenes
 from vlsae_guard.pipeline.collect import CollectConfig, collect

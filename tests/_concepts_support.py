@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from vlsae_guard.backends.inputs import HFInputs
+from vlsae_guard.backends.hf import HFInputs
 from vlsae_guard.core.sae import VLSAE
 from vlsae_guard.core.sae_config import SAEConfig, Source
 from vlsae_guard.lab.demo import make_scenes

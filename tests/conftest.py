@@ -67,7 +67,7 @@ def llava_model_and_tokenizer(tiny_llava_dir):
     pytest.importorskip("llava", reason="original LLaVA not installed (requirements/llava.txt)")
     from transformers import AutoTokenizer
 
-    from vlsae_guard.backends._llava_compat import ensure_llava_importable
+    from vlsae_guard.backends import ensure_llava_importable
 
     ensure_llava_importable()
     from llava.model.language_model.llava_llama import LlavaLlamaForCausalLM

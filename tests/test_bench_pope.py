@@ -103,13 +103,13 @@ def test_a_killed_run_resumes_with_only_the_missing_answers(
     path.write_text("".join(lines[:3]) + lines[3][:15])  # killed while writing the 4th answer
 
     asked = []
-    original = generation.HFGenerator.generate
+    original = generation.LocalGenerator.generate
 
     def counting(self, images, prompts, decoding, runner=None):
         asked.extend(prompts)
         return original(self, images, prompts, decoding, runner)
 
-    monkeypatch.setattr(generation.HFGenerator, "generate", counting)
+    monkeypatch.setattr(generation.LocalGenerator, "generate", counting)
     run(inputs, tiny_hf_dir, out, *guarded(inputs), "--batch-size", "2")
     assert len(asked) == 5  # questions 4..8 of the guarded arm, nothing of the other
     ids = [r["question_id"] for r in answers(out, "on")]
@@ -217,7 +217,7 @@ def test_paired_outcomes_are_written_per_question(inputs, tiny_hf_dir, tmp_path)
 @pytest.mark.llava
 def test_hf_prompt_is_llavas_eval_conversation():
     pytest.importorskip("llava", reason="original LLaVA not installed")
-    from vlsae_guard.backends._llava_compat import ensure_llava_importable
+    from vlsae_guard.backends import ensure_llava_importable
 
     ensure_llava_importable()
     from llava.conversation import conv_templates

@@ -12,7 +12,7 @@ from _support import one_thread, write_store  # noqa: F401
 from safetensors.torch import load_file
 
 from vlsae_guard.backends import detect
-from vlsae_guard.backends.inputs import HFInputs
+from vlsae_guard.backends.hf import HFInputs
 from vlsae_guard.cli import main
 from vlsae_guard.lab import tiny
 from vlsae_guard.pipeline.collect import CollectConfig, SiteReader, collect
@@ -318,7 +318,7 @@ def test_original_llava_layer_site(llava_model_and_tokenizer, tiny_llava_dir, pa
     from llava.conversation import conv_templates
     from llava.mm_utils import process_images, tokenizer_image_token
 
-    from vlsae_guard.backends.inputs import LlavaInputs
+    from vlsae_guard.backends.original import LlavaInputs
 
     model, tokenizer = llava_model_and_tokenizer
     processor = model.get_vision_tower().image_processor

@@ -10,7 +10,7 @@ from _concepts_support import concepts_env  # noqa: F401
 from PIL import Image
 
 from vlsae_guard.backends import detect
-from vlsae_guard.backends.inputs import HFInputs
+from vlsae_guard.backends.hf import HFInputs
 from vlsae_guard.cli import main
 from vlsae_guard.concepts.inspect import inspect_rows, read_tokens
 from vlsae_guard.core.checkpoint import load

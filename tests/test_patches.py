@@ -162,7 +162,7 @@ def _reference(data: Data, **settings) -> tuple[list[str], list[str]]:
     from PIL import Image
 
     from vlsae_guard import guard
-    from vlsae_guard.backends._llava_compat import ensure_llava_importable
+    from vlsae_guard.backends import ensure_llava_importable
 
     ensure_llava_importable()
     path = str(data.model)

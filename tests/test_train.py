@@ -18,7 +18,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from vlsae_guard import VLSAE, SAEConfig, guard
-from vlsae_guard.backends.inputs import HFInputs
+from vlsae_guard.backends.hf import HFInputs
 from vlsae_guard.cli import main
 from vlsae_guard.core.checkpoint import load
 from vlsae_guard.pipeline.collect import CollectConfig, collect

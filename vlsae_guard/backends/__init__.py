@@ -1,27 +1,35 @@
-"""Backend glue, one module per place LLaVA runs; :func:`detect` picks the right one."""
+"""One home per model family: transformers' LLaVA / LLaVA-NeXT (:mod:`.hf`) and the original
+``llava`` package (:mod:`.original`). Each owns loading, its prompts and batches, batched
+generation, and where the projector and layers are; :mod:`.families` picks the family."""
 
 from __future__ import annotations
 
-from torch import nn
+from ._llava_compat import ensure_llava_importable
+from .base import Backend, Family, Inputs, LoadedModel, Prompt, UnsupportedModelError, move
+from .families import (
+    BACKENDS,
+    checkpoint_family,
+    detect,
+    load,
+    num_layers,
+    read_model_config,
+    resolve_dtype,
+)
 
-from .base import Backend, Prompt, UnsupportedModelError
-from .hf import HFLlava, HFLlavaNext
-from .original import OriginalLlava
-
-BACKENDS: tuple[type[Backend], ...] = (HFLlavaNext, HFLlava, OriginalLlava)
-
-
-def detect(model: nn.Module) -> Backend:
-    """The backend for ``model``, or a clear error saying what was expected."""
-    for backend in BACKENDS:
-        if backend.matches(model):
-            return backend(model)
-    raise UnsupportedModelError(
-        f"cannot guard a {type(model).__name__}: expected a LLaVA-family model with a multimodal "
-        "projector (transformers LlavaForConditionalGeneration / LlavaNextForConditionalGeneration "
-        "with `multi_modal_projector`, or the original llava package's LlavaLlamaForCausalLM with "
-        "`get_model().mm_projector`)"
-    )
-
-
-__all__ = ["BACKENDS", "Backend", "Prompt", "UnsupportedModelError", "detect"]
+__all__ = [
+    "BACKENDS",
+    "Backend",
+    "Family",
+    "Inputs",
+    "LoadedModel",
+    "Prompt",
+    "UnsupportedModelError",
+    "checkpoint_family",
+    "detect",
+    "ensure_llava_importable",
+    "load",
+    "move",
+    "num_layers",
+    "read_model_config",
+    "resolve_dtype",
+]

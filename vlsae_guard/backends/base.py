@@ -1,16 +1,23 @@
-"""The small interface every backend implements: find the projector, know the image positions.
+"""What every model family implements, in two small interfaces.
 
-A backend never does math on features; it tells the guard where projected image rows come
-from so :class:`vlsae_guard.core.intervention.ProjectorIntervention` can be shared by all of them.
+* :class:`Backend` wraps a loaded model: where the projector, the language model and its decoder
+  layers are, and where image features go in a prompt. It never does math on features; it tells
+  the guard where projected image rows come from, so
+  :class:`vlsae_guard.core.intervention.ProjectorIntervention` is shared by all families.
+* :class:`Inputs` holds the family's preprocessors: its prompts (collection and generation), its
+  batches, and batched left-padded generation. :class:`LoadedModel` pairs it with the model.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any, Literal, NamedTuple
 
 import torch
 from torch import Tensor, nn
+
+Family = Literal["hf", "llava"]  # transformers' LLaVA classes, or the original llava package
 
 
 class UnsupportedModelError(TypeError):
@@ -141,3 +148,73 @@ class Backend:
         if not linears:
             raise UnsupportedModelError(f"{self.name}: the projector has no linear layer")
         return linears[-1].out_features
+
+
+class Inputs:
+    """One family's prompts, batches and decoding; built from preprocessors alone, so a caller
+    holding a model and its processor (tests, notebooks) needs no loader."""
+
+    family: Family
+
+    def image_prompt(self) -> str:
+        """A prompt with one image and no text (projector site: only the image matters)."""
+        raise NotImplementedError
+
+    def caption_prompt(self, caption: str) -> str:
+        """``"<image>\\n{caption}"`` as the user turn of the model's conversation template."""
+        raise NotImplementedError
+
+    def batch(self, images: list, prompts: list[str]) -> dict[str, Any]:
+        """Keyword arguments of ``model(...)`` for these images and prompts, padded."""
+        raise NotImplementedError
+
+    def caption_ids(self, captions: list[str]) -> list[list[int]]:
+        """Token ids of each caption alone, without special tokens."""
+        raise NotImplementedError
+
+    def question_prompt(self, question: str) -> str:
+        """The full generation prompt around the user's ``question`` and one image."""
+        raise NotImplementedError
+
+    def generate(
+        self,
+        model: nn.Module,
+        images: Sequence,
+        questions: Sequence[str],
+        generate_kwargs: dict[str, Any],
+        runner: Callable | None = None,
+    ) -> list[str]:
+        """Answers to ``questions`` (the user's text), one left-padded batch, so a batch answers
+        as each question alone would. ``runner`` (default ``model.generate``) is what a guard
+        handle wraps; ``generate_kwargs`` are ``generate``'s decoding arguments."""
+        raise NotImplementedError
+
+
+class LoadedModel(NamedTuple):
+    """A model in eval mode with its family's :class:`Inputs` (unpacks as ``model, inputs``)."""
+
+    model: nn.Module
+    inputs: Inputs
+
+    def generate(self, images, questions, generate_kwargs, runner=None) -> list[str]:
+        """See :meth:`Inputs.generate`."""
+        return self.inputs.generate(self.model, images, questions, generate_kwargs, runner)
+
+
+def move(batch: dict[str, Any], device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
+    """Tensors to ``device``; floating-point ones (pixels) also to the model's dtype."""
+
+    def convert(value):
+        if isinstance(value, Tensor):
+            return value.to(device, dtype) if value.is_floating_point() else value.to(device)
+        if isinstance(value, list):
+            return [convert(v) for v in value]
+        return value
+
+    return {k: convert(v) for k, v in batch.items()}
+
+
+def placement(model: nn.Module) -> tuple[torch.device, torch.dtype]:
+    """Device and dtype of the model's first parameter: where its inputs go."""
+    param = next(model.parameters())
+    return param.device, param.dtype

@@ -2,7 +2,12 @@
 
 transformers 5.x keeps the projector at ``model.model.multi_modal_projector``; older releases
 had ``model.multi_modal_projector``. Both are found. Image features are spliced at positions
-where ``input_ids == config.image_token_id``.
+where ``input_ids == config.image_token_id``. Loading, prompts and batches go through the
+checkpoint's own processor (:class:`HFInputs`).
+
+Generation builds LLaVA-1.5's evaluation prompt by default: the ``vicuna_v1`` conversation
+``"{system} USER: <image>\\n{prompt} ASSISTANT:"`` that ``llava/eval`` uses, which is what
+published numbers were produced with; ``chat-template`` applies the checkpoint's template.
 """
 
 from __future__ import annotations
@@ -12,7 +17,25 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from .base import Backend, LayoutSink, Prompt, PromptSink, wrap_method
+from .base import (
+    Backend,
+    Inputs,
+    LayoutSink,
+    LoadedModel,
+    Prompt,
+    PromptSink,
+    placement,
+    wrap_method,
+)
+
+# LLaVA's conv_vicuna_v1 system prompt (llava/conversation.py), used by its eval scripts.
+LLAVA_SYSTEM = (
+    "A chat between a curious user and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the user's questions."
+)
+PROMPT_FORMATS = ("llava", "chat-template")
+# Collection's prompt for a processor without a chat template (LLaVA-1.5's user turn).
+LLAVA_1_5_TEMPLATE = "USER: <image>\n{caption} ASSISTANT:"
 
 
 def _find(model: nn.Module, name: str):
@@ -131,3 +154,86 @@ class HFLlavaNext(HFLlava):
             )
             for size in image_sizes
         ]
+
+
+def llava_conversation(prompt: str) -> str:
+    """LLaVA-1.5's eval prompt (``conv_templates["vicuna_v1"]`` with one image)."""
+    return f"{LLAVA_SYSTEM} USER: <image>\n{prompt} ASSISTANT:"
+
+
+def chat_template_prompt(processor, text: str) -> str:
+    """``text`` after one image as the user turn of the processor's chat template."""
+    turn = [{"type": "image"}, {"type": "text", "text": text}]
+    return processor.apply_chat_template(
+        [{"role": "user", "content": turn}], add_generation_prompt=True, tokenize=False
+    )
+
+
+def hf_prompt(processor, prompt_format: str, prompt: str) -> str:
+    """The full prompt for an llava-hf checkpoint: LLaVA's eval conversation or its template."""
+    if prompt_format == "llava":
+        return llava_conversation(prompt)
+    return chat_template_prompt(processor, prompt)
+
+
+class HFInputs(Inputs):
+    """``transformers`` LLaVA / LLaVA-NeXT through the checkpoint's processor.
+
+    Collection follows the checkpoint's chat template (LLaVA-1.5's user turn without one);
+    generation follows ``prompt_format`` (:data:`PROMPT_FORMATS`).
+    """
+
+    family = "hf"
+
+    def __init__(self, processor, prompt_format: str = "llava"):
+        if prompt_format not in PROMPT_FORMATS:
+            raise ValueError(f"prompt_format {prompt_format!r}: expected one of {PROMPT_FORMATS}")
+        self.processor = processor
+        self.prompt_format = prompt_format
+        self.image_token = getattr(processor, "image_token", "<image>")
+
+    def image_prompt(self) -> str:
+        return self.image_token
+
+    def caption_prompt(self, caption: str) -> str:
+        if getattr(self.processor, "chat_template", None):
+            return chat_template_prompt(self.processor, caption)
+        return LLAVA_1_5_TEMPLATE.format(caption=caption)
+
+    def batch(self, images: list, prompts: list[str]) -> dict:
+        return dict(self.processor(images=images, text=prompts, return_tensors="pt", padding=True))
+
+    def caption_ids(self, captions: list[str]) -> list[list[int]]:
+        return self.processor.tokenizer(captions, add_special_tokens=False).input_ids
+
+    def question_prompt(self, question: str) -> str:
+        return hf_prompt(self.processor, self.prompt_format, question)
+
+    @torch.no_grad()
+    def generate(self, model, images, questions, generate_kwargs, runner=None):
+        tok = self.processor.tokenizer
+        tok.padding_side = "left"
+        device, dtype = placement(model)
+        inputs = self.processor(
+            images=list(images),
+            text=[self.question_prompt(q) for q in questions],
+            return_tensors="pt",
+            padding=True,
+        ).to(device)
+        if "pixel_values" in inputs:
+            inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
+        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        ids = (runner or model.generate)(**inputs, pad_token_id=pad, **generate_kwargs)
+        new = ids[:, inputs["input_ids"].shape[1] :]
+        return [t.strip() for t in tok.batch_decode(new, skip_special_tokens=True)]
+
+
+def load(
+    model_id: str, dtype: torch.dtype, device: str | torch.device, prompt_format: str = "llava"
+) -> LoadedModel:
+    """The checkpoint through transformers' auto classes, in eval mode on ``device``/``dtype``."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    model = AutoModelForImageTextToText.from_pretrained(model_id, dtype=dtype)
+    model = model.to(device).eval()
+    return LoadedModel(model, HFInputs(AutoProcessor.from_pretrained(model_id), prompt_format))

@@ -3,17 +3,31 @@
 The projector is ``model.get_model().mm_projector`` (an ``nn.Sequential``); images are spliced
 where ``input_ids == IMAGE_TOKEN_INDEX`` (-200) inside ``prepare_inputs_labels_for_multimodal``,
 which ``generate`` calls before any module runs, so that method is where the prompt is seen.
+:func:`load` loads a checkpoint as ``llava/eval`` does; :class:`LlavaInputs` builds its
+conversation prompts and batches with the package's own helpers.
 """
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
 
-from .base import Backend, LayoutSink, Prompt, PromptSink, wrap_method
+from ._llava_compat import ensure_llava_importable
+from .base import (
+    Backend,
+    Inputs,
+    LayoutSink,
+    LoadedModel,
+    Prompt,
+    PromptSink,
+    move,
+    placement,
+    wrap_method,
+)
 
 IMAGE_TOKEN_INDEX = -200  # llava.constants.IMAGE_TOKEN_INDEX, fixed by the original code
 _PREPARE = "prepare_inputs_labels_for_multimodal"
@@ -118,3 +132,129 @@ def _image_positions(input_ids: Tensor, attention_mask, new_mask, length: int) -
             first = start + slot + j * (per_image - 1)
             out[i, first : first + per_image] = True
     return out
+
+
+def load(
+    model_path: str, dtype: torch.dtype, device: str | torch.device, conv_mode: str = "llava_v1"
+) -> LoadedModel:
+    """Load a checkpoint as ``llava.model.builder.load_pretrained_model`` does, in ``dtype``.
+
+    As the builder: the slow tokenizer, the image-patch and start/end tokens the config asks
+    for (``mm_use_im_patch_token``, default true; ``mm_use_im_start_end``), the embeddings
+    resized to the tokenizer, the vision tower loaded and cast. Unlike it: any dtype (it always
+    casts to float16) and no ``device_map``.
+    """
+    from transformers import AutoTokenizer
+
+    ensure_llava_importable()
+    from llava import constants
+    from llava.model.language_model.llava_llama import LlavaLlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(model_path, use_fast=False)
+    model = LlavaLlamaForCausalLM.from_pretrained(model_path, dtype=dtype)
+    config = model.config
+    if getattr(config, "mm_use_im_patch_token", True):
+        tokenizer.add_tokens([constants.DEFAULT_IMAGE_PATCH_TOKEN], special_tokens=True)
+    if getattr(config, "mm_use_im_start_end", False):
+        tokenizer.add_tokens(
+            [constants.DEFAULT_IM_START_TOKEN, constants.DEFAULT_IM_END_TOKEN], special_tokens=True
+        )
+    if len(tokenizer) != model.get_input_embeddings().num_embeddings:
+        model.resize_token_embeddings(len(tokenizer))
+    tower = model.get_vision_tower()
+    if not tower.is_loaded:
+        tower.load_model()
+    # Cast the tower only (it loads in float32): casting the whole model would also round the
+    # rotary embedding's float32 buffers, which the builder keeps, and change the logits.
+    tower.to(device=device, dtype=dtype)
+    model = model.to(device).eval()
+    return LoadedModel(model, LlavaInputs(tokenizer, tower.image_processor, config, conv_mode))
+
+
+class LlavaInputs(Inputs):
+    """The ``llava`` package's conversation templates, tokenizer and image preprocessing.
+
+    Collection and generation share one prompt: the ``conv_mode`` conversation with the image
+    (wrapped in start/end tokens when ``mm_use_im_start_end``) and the text as the user turn.
+    """
+
+    family = "llava"
+
+    def __init__(self, tokenizer, image_processor, model_config, conv_mode: str = "llava_v1"):
+        ensure_llava_importable()
+        from llava.conversation import conv_templates
+
+        if conv_mode not in conv_templates:
+            raise ValueError(f"unknown conv_mode {conv_mode!r}; known: {sorted(conv_templates)}")
+        self.tokenizer = tokenizer
+        self.image_processor = image_processor
+        self.model_config = model_config
+        self.conv = conv_templates[conv_mode]
+        pads = (tokenizer.pad_token_id, tokenizer.unk_token_id, 0)
+        self.pad_id = next(p for p in pads if p is not None)
+
+    def image_prompt(self) -> str:
+        return "<image>"
+
+    def caption_prompt(self, caption: str) -> str:
+        return self.question_prompt(caption)
+
+    def question_prompt(self, question: str) -> str:
+        from llava import constants
+
+        image = constants.DEFAULT_IMAGE_TOKEN
+        if getattr(self.model_config, "mm_use_im_start_end", False):
+            image = constants.DEFAULT_IM_START_TOKEN + image + constants.DEFAULT_IM_END_TOKEN
+        conv = self.conv.copy()
+        conv.append_message(conv.roles[0], f"{image}\n{question}")
+        conv.append_message(conv.roles[1], None)
+        return conv.get_prompt()
+
+    def batch(self, images: list, prompts: list[str], left: bool = False) -> dict:
+        """Right-padded by default: the model re-pads as its config says (see :func:`load`)."""
+        from llava.mm_utils import process_images, tokenizer_image_token
+
+        ids = [tokenizer_image_token(p, self.tokenizer, IMAGE_TOKEN_INDEX) for p in prompts]
+        width = max(map(len, ids))
+        input_ids = torch.full((len(ids), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros(len(ids), width, dtype=torch.long)
+        for i, seq in enumerate(ids):
+            span = slice(width - len(seq), width) if left else slice(0, len(seq))
+            input_ids[i, span] = torch.tensor(seq)
+            mask[i, span] = 1
+        return {
+            "input_ids": input_ids,
+            "attention_mask": mask,
+            "images": process_images(images, self.image_processor, self.model_config),
+            "image_sizes": [img.size for img in images],
+        }
+
+    def caption_ids(self, captions: list[str]) -> list[list[int]]:
+        return self.tokenizer(captions, add_special_tokens=False).input_ids
+
+    @torch.no_grad()
+    def generate(self, model, images, questions, generate_kwargs, runner=None):
+        prompts = [self.question_prompt(q) for q in questions]
+        batch = move(self.batch(list(images), prompts, left=True), *placement(model))
+        with _left_padding(model.config):
+            out = (runner or model.generate)(
+                inputs=batch.pop("input_ids"),
+                **batch,
+                pad_token_id=self.pad_id,
+                use_cache=True,
+                **generate_kwargs,
+            )
+        # Generation from inputs_embeds returns only the new tokens.
+        return [t.strip() for t in self.tokenizer.batch_decode(out, skip_special_tokens=True)]
+
+
+@contextlib.contextmanager
+def _left_padding(config):
+    """LLaVA re-pads the spliced embeddings on ``tokenizer_padding_side`` (right in LLaVA-1.5
+    checkpoints, which only suits batch size 1); left keeps every row's last token last."""
+    previous = getattr(config, "tokenizer_padding_side", "right")
+    config.tokenizer_padding_side = "left"
+    try:
+        yield
+    finally:
+        config.tokenizer_padding_side = previous

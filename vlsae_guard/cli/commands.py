@@ -723,7 +723,7 @@ def inspect_command(args: argparse.Namespace) -> None:
     and pool them per concept; list the strongest concepts with their labels. For an image and
     a projector-site SAE, also list which of its concepts the guard keeps (the shared set) and
     which it removes: what separates the guarded answer from the unguarded one."""
-    from ..backends.inputs import load_for_collection
+    from ..backends import load as load_model
     from ..concepts.catalog import read_catalog
     from ..concepts.inspect import format_inspection, inspect_rows, read_tokens
     from ..core.intervention import GuardConfig
@@ -740,7 +740,7 @@ def inspect_command(args: argparse.Namespace) -> None:
         labels = read_catalog(opts.catalog).labels() if opts.catalog else {}
         image = _open_image(opts.image) if opts.image else None
         sae = load(args.sae).eval()
-        model, inputs = load_for_collection(args.model, device=args.device)
+        model, inputs = load_model(args.model, device=args.device)
         sae = sae.to(args.device)
         rows = read_tokens(model, inputs, sae, image, opts.text)
         guard = None

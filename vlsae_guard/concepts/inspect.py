@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..backends.inputs import Inputs
+from ..backends import Inputs
 from ..core.intervention import GuardConfig, ProjectorIntervention
 from ..core.sae import Codes, SparseAutoencoder
 from ..core.sae_config import Modality

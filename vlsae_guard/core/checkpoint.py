@@ -199,6 +199,32 @@ def check_module(module: torch.nn.Module, where: str) -> None:
     check_state(module.state_dict(), _shapes(module), where)
 
 
+def check_compatible(
+    sae: SparseAutoencoder,
+    site: str,
+    needed_by: str,
+    projector_width: int | None = None,
+    projector: str = "the projector",
+) -> None:
+    """Refuse an SAE trained at another ``site`` than ``needed_by`` (a mode, a server) needs,
+    or, given ``projector_width``, one over another projector's outputs (:class:`ValueError`).
+
+    ``guard()`` and the vLLM plugin both check through here, so they refuse the same SAEs with
+    the same words; an SAE that does not record its site passes the site check.
+    """
+    source, d_in = sae.config.source, sae.config.d_in
+    if source.site is not None and source.site != site:
+        raise ValueError(
+            f"{needed_by} needs an SAE trained at site {site!r}; this one was trained at site "
+            f"{source.site!r}" + (f" (layer {source.layer})" if source.layer is not None else "")
+        )
+    if projector_width is not None and projector_width != d_in:
+        raise ValueError(
+            f"{projector} outputs width {projector_width}, but the SAE expects d_in={d_in}: this "
+            "SAE was trained for another model"
+        )
+
+
 def _looks_pickled(file: Path) -> bool:
     with open(file, "rb") as f:
         head = f.read(4)

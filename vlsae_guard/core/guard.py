@@ -18,7 +18,7 @@ from pydantic import ValidationError
 from torch import Tensor, nn
 
 from ..backends import Backend, Prompt, detect
-from .checkpoint import CheckpointError, check_module, load
+from .checkpoint import CheckpointError, check_compatible, check_module, load
 from .intervention import GuardConfig, ProjectorIntervention
 from .paper import FusionProcessor, PaperIntervention, PaperState
 from .sae import SparseAutoencoder
@@ -234,7 +234,7 @@ def guard(
             raise GuardError(str(e)) from e
     else:
         sae = load(sae)
-    _check_compatible(backend, sae, config)
+    _check_fits(backend, sae, config)
     device = next(backend.projector().parameters()).device
     if sae.device != device:
         sae = copy.deepcopy(sae).to(device)  # never move the caller's SAE behind their back
@@ -251,24 +251,22 @@ def guard(
     return handle
 
 
-def _check_compatible(backend: Backend, sae: SparseAutoencoder, config: GuardConfig) -> None:
+def _check_fits(backend: Backend, sae: SparseAutoencoder, config: GuardConfig) -> None:
     """Every reason this SAE cannot guard this model, raised before anything is attached."""
-    source, cfg = sae.config.source, sae.config
-    expected_site = "projector" if config.mode == "projector" else "layer"
-    if source.site is not None and source.site != expected_site:
-        raise GuardError(
-            f"mode {config.mode!r} needs an SAE trained at site {expected_site!r}; this one was "
-            f"trained at site {source.site!r}"
-            + (f" (layer {source.layer})" if source.layer is not None else "")
+    projector = config.mode == "projector"
+    try:
+        check_compatible(
+            sae,
+            "projector" if projector else "layer",
+            f"mode {config.mode!r}",
+            backend.out_features() if projector else None,
+            f"the {backend.name} projector",
         )
-    if config.mode == "projector":
-        width, what = backend.out_features(), f"the {backend.name} projector outputs"
-        if width != cfg.d_in:
-            raise GuardError(
-                f"{what} width {width}, but the SAE expects d_in={cfg.d_in}: this SAE was "
-                "trained for another model"
-            )
+    except ValueError as e:
+        raise GuardError(str(e)) from e
+    if projector:
         return
+    cfg = sae.config
     layers = len(backend.decoder_layers())
     if config.layer >= layers:
         raise GuardError(f"layer={config.layer} but the language model has {layers} layers")

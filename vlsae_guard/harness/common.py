@@ -24,8 +24,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from .. import outputs, provenance
-from ..backends import UnsupportedModelError
-from ..backends.inputs import checkpoint_family, read_model_config
+from ..backends import UnsupportedModelError, checkpoint_family, read_model_config
 from ..cli.guard_flags import add_guard_flags, settings_from_args
 from ..core.intervention import GuardConfig
 from ..scoring import report

@@ -401,7 +401,7 @@ def build_original_llava(directory: str | os.PathLike, *, seed: int = 0, **sizes
     llava code tests ``os.path.exists``; move the directory and it must be rebuilt). Same
     weights as :func:`build_hf_llava` with the same ``seed`` and ``sizes``.
 
-    After :func:`vlsae_guard.backends._llava_compat.ensure_llava_importable`, the llava code
+    After :func:`vlsae_guard.backends.ensure_llava_importable`, the llava code
     loads it as a 7B checkpoint: ``load_pretrained_model(directory, None, "llava-tiny",
     device="cpu", device_map="cpu")`` (needs ``accelerate``; always casts to float16). For
     float32, do what it does without the cast: ``LlavaLlamaForCausalLM.from_pretrained(

@@ -29,15 +29,13 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from torch import Tensor, nn
 
-from ..backends import detect
-from ..backends.inputs import Inputs, load_for_collection, move, num_layers, read_model_config
+from ..backends import Inputs, detect, load, move, num_layers, read_model_config, resolve_dtype
 from ..provenance import environment, sha256_dir
 from .distributed import Dist
 from .pairs import DataConfig, ImageError, Pair, PairSource, open_source
 from .store import Header, Manifest, StoreWriter
 
 log = logging.getLogger(__name__)
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # Pairs per shard when not given: about 16-300 MB per shard for a 7B model in fp16.
 DEFAULT_PAIRS_PER_SHARD = {"mean": 1024, "token": 64, "token_sampled": 512}
 
@@ -254,12 +252,6 @@ class CollectResult:
         return self.pairs / self.seconds if self.seconds else 0.0
 
 
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    if name == "auto":
-        return torch.float16 if device.type == "cuda" else torch.float32
-    return DTYPES[name]
-
-
 def collect(
     config: CollectConfig,
     *,
@@ -279,9 +271,8 @@ def collect(
         if config.layer is not None and layers is not None and config.layer >= layers:
             raise ValueError(f"layer {config.layer} does not exist: {config.model} has {layers}")
         device = dist.device(config.device)
-        model, inputs = load_for_collection(
-            config.model, resolve_dtype(config.dtype, device), device, config.conv_mode
-        )
+        dtype = resolve_dtype(config.dtype, device)
+        model, inputs = load(config.model, dtype, device, conv_mode=config.conv_mode)
     source = source if source is not None else open_source(config.data)
     if config.limit is not None:
         source = source.head(config.limit)

@@ -40,10 +40,9 @@ from vllm.model_executor.models.llava_next import (
 from vllm.multimodal import MULTIMODAL_REGISTRY
 from vllm.multimodal.inputs import MultiModalFieldConfig
 
-from ..core.checkpoint import load
+from ..core.checkpoint import check_compatible, load
 from ..core.guard import GuardStats
 from ..core.intervention import ProjectorIntervention
-from ..core.sae import SparseAutoencoder
 from . import routing
 from .settings import REQUEST_KEY, PluginConfigError, ServeSettings
 
@@ -117,7 +116,11 @@ class _GuardedModel:
         weight = next(self.multi_modal_projector.parameters())
         dtype = torch.float32 if settings.dtype == "float32" else vllm_config.model_config.dtype
         sae = load(settings.sae, device=weight.device, dtype=dtype)
-        _check_compatible(sae, hf_config.text_config.hidden_size, settings.sae)
+        width = hf_config.text_config.hidden_size
+        try:
+            check_compatible(sae, "projector", "the vLLM guard", width, "the projector")
+        except ValueError as e:
+            raise PluginConfigError(f"{settings.sae}: {e}") from e
         try:
             intervention = ProjectorIntervention.build(sae, settings.guard)
         except ValueError as e:
@@ -164,20 +167,6 @@ class _GuardedModel:
             result = output if new is None else new
             _log(self.vlsae_settings.log, result, flags, crops, rows, guarded)
         return new
-
-
-def _check_compatible(sae: SparseAutoencoder, width: int, where: str) -> None:
-    site = sae.config.source.site
-    if site is not None and site != "projector":
-        raise PluginConfigError(
-            f"{where}: the vLLM guard works at the projector, but this SAE was trained at site "
-            f"{site!r}"
-        )
-    if sae.config.d_in != width:
-        raise PluginConfigError(
-            f"{where}: the projector outputs width {width}, but the SAE expects "
-            f"d_in={sae.config.d_in}: this SAE was trained for another model"
-        )
 
 
 def _log(path, result: Tensor, flags: Tensor | None, crops, rows: int, guarded: int) -> None:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ...backends.inputs import load_for_collection
+from ...backends import load
 from ...pipeline.collect import SiteReader
 from .world import Scene, World, build_world
 
@@ -51,7 +51,7 @@ def probe(model_dir, world: World, n_images: int = 1500, lam: float = 0.01) -> d
     fresh = world.config.model_copy(update={"n_train": 1, "n_val": n_images, "n_test": 1})
     train = build_world(fresh, world.seed + PROBE_SEED_OFFSET).splits["val"]
     test = world.splits["test"]
-    reader = SiteReader(*load_for_collection(str(model_dir)), layer=None)
+    reader = SiteReader(*load(str(model_dir)), layer=None)
     x_train = pooled_image_tokens(reader, train)
     x_test = pooled_image_tokens(reader, test)
     names = world.config.names
