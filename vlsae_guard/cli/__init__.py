@@ -8,6 +8,6 @@ from collections.abc import Sequence
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the exit status. Imported lazily: the benchmarks share the guard
     flags (:mod:`.guard_flags`) without loading every command."""
-    from .commands import main as run
+    from .app import main as run
 
     return run(argv)
