@@ -25,7 +25,11 @@ def _imports(path: Path, root: Path, modules: set[str]) -> set[str]:
         elif isinstance(node, ast.ImportFrom):
             base = package.rsplit(".", node.level - 1)[0] if node.level else ""
             base = ".".join(p for p in (base, node.module or "") if p)
-            names = [base] + [f"{base}.{alias.name}" for alias in node.names]
+            # `from pkg import sub` names the submodule; `from pkg import name`, pkg itself
+            subs = [f"{base}.{alias.name}" for alias in node.names]
+            names = [n for n in subs if n in modules]
+            if len(names) < len(subs):
+                names.append(base)
         else:
             continue
         found |= {n for n in names if n in modules}
