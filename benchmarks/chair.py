@@ -14,19 +14,21 @@ from __future__ import annotations
 
 import sys
 
+from vlsae_guard.cli import bench_flags
 from vlsae_guard.harness import chair as harness
 from vlsae_guard.harness import common
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = harness.parser().parse_args(argv)
+    args = bench_flags.chair_parser().parse_args(argv)
 
     def body() -> int:
-        results = harness.run(args)
-        print(harness.finish(results, args.out))
+        config = bench_flags.chair_config(args)
+        results = harness.run(config)
+        print(harness.finish(results, config.out))
         for warning in results["warnings"]:
             print(f"WARNING: {warning}", file=sys.stderr)
-        print(f"\n{harness.NOTES}\nwrote {args.out}/results.json, results.md, results.png")
+        print(f"\n{harness.NOTES}\nwrote {config.out}/results.json, results.md, results.png")
         return 0
 
     return common.run_main("benchmarks/chair.py", body)

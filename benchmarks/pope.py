@@ -14,23 +14,25 @@ from __future__ import annotations
 
 import sys
 
+from vlsae_guard.cli import bench_flags
 from vlsae_guard.harness import common
 from vlsae_guard.harness import pope as harness
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = harness.parser().parse_args(argv)
+    args = bench_flags.pope_parser().parse_args(argv)
 
     def body() -> int:
         if args.demo:
-            _, text = harness.run_demo(args)
+            _, text = harness.run_demo(bench_flags.demo_config(args))
             print(text)
             return 0
-        results = harness.run(args)
-        print(harness.finish(results, args.out, "POPE: guard off vs on"))
+        config = bench_flags.pope_config(args)
+        results = harness.run(config)
+        print(harness.finish(results, config.out, "POPE: guard off vs on"))
         for warning in results["warnings"]:
             print(f"WARNING: {warning}", file=sys.stderr)
-        print(f"\n{harness.NOTES}\nwrote {args.out}/results.json, results.md, results.png")
+        print(f"\n{harness.NOTES}\nwrote {config.out}/results.json, results.md, results.png")
         return 0
 
     return common.run_main("benchmarks/pope.py", body)

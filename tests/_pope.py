@@ -1,12 +1,15 @@
 """What the POPE runner tests share (hf/llava in the fast suite, vllm/openai in the vLLM one):
-images with questions about them, a run of the real runner, and its answer files."""
+images with questions about them, a run of the real runner (through benchmarks/pope.py's flags,
+or from a typed config), and its answer files."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
+from vlsae_guard.cli import bench_flags
 from vlsae_guard.harness import pope as harness
+from vlsae_guard.harness.config import PopeRunConfig
 
 SHAPES = ["dog", "circle", "square"]
 
@@ -34,7 +37,17 @@ def run(inputs, model, out, *extra, backend="hf", device="cpu"):
         "--max-new-tokens", "4", "--dtype", "float32", "--bootstrap", "200",
         *(["--device", device] if device else []), *extra,
     ]  # fmt: skip
-    return harness.run(harness.parser().parse_args(argv), progress=False)
+    config = bench_flags.pope_config(bench_flags.pope_parser().parse_args(argv))
+    return harness.run(config, progress=False)
+
+
+def run_config(inputs, model, out, **fields):
+    """The same run as :func:`run` from a :class:`PopeRunConfig`, without any flags."""
+    config = PopeRunConfig(
+        model=model, images=inputs / "images", questions=[inputs / "questions.jsonl"], out=out,
+        max_new_tokens=4, dtype="float32", bootstrap=200, device="cpu", **fields,
+    )  # fmt: skip
+    return harness.run(config, progress=False)
 
 
 def answers(out, arm):

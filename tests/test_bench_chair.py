@@ -8,7 +8,9 @@ import pytest
 import torch
 
 from vlsae_guard import VLSAE, SAEConfig
+from vlsae_guard.cli import bench_flags
 from vlsae_guard.harness import chair as harness
+from vlsae_guard.harness.config import ChairRunConfig
 from vlsae_guard.scoring import chair
 from vlsae_guard.scoring.files import DataError
 
@@ -35,8 +37,8 @@ def test_chair_ab_run(coco, tiny_hf_dir, tmp_path):
         "--max-new-tokens", "24", "--dtype", "float32", "--device", "cpu",
         "--bootstrap", "300", "--out", str(tmp_path),
     ]  # fmt: skip
-    args = harness.parser().parse_args(argv)
-    results = harness.run(args, progress=False)
+    config = bench_flags.chair_config(bench_flags.chair_parser().parse_args(argv))
+    results = harness.run(config, progress=False)
     harness.finish(results, tmp_path)
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["settings"]["prompt"] == "Please describe this image in detail."
@@ -70,8 +72,6 @@ def test_chair_ab_run(coco, tiny_hf_dir, tmp_path):
 def test_unknown_image_ids_fail_before_generation(coco, tiny_hf_dir, tmp_path):
     ids = tmp_path / "ids.txt"
     ids.write_text("1\n2\n")  # not COCO 2014 image ids
-    args = harness.parser().parse_args(
-        ["--model", str(tiny_hf_dir), "--image-ids", str(ids), "--out", str(tmp_path)]
-    )
+    config = ChairRunConfig(model=tiny_hf_dir, image_ids=ids, out=tmp_path)
     with pytest.raises(DataError, match="2 image ids have no ground truth"):
-        harness.run(args, progress=False)
+        harness.run(config, progress=False)

@@ -8,12 +8,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from _pope import answers, run, texts, write_inputs
+from _pope import answers, run, run_config, texts, write_inputs
 from PIL import Image
 
-from vlsae_guard import VLSAE, SAEConfig, provenance
-from vlsae_guard.harness import common, generation
+from vlsae_guard import VLSAE, GuardConfig, SAEConfig, provenance
+from vlsae_guard.harness import generation
 from vlsae_guard.harness import pope as harness
+from vlsae_guard.harness.config import PopeRunConfig
 from vlsae_guard.scoring import pope
 from vlsae_guard.scoring.files import DataError
 
@@ -90,6 +91,21 @@ def test_results_record_provenance_and_match_the_answers(inputs, tiny_hf_dir, tm
         im.verify()
     first = answers(out, "on")[0]
     assert first["prompt"] == pope.build_prompt("Is there a dog in the image?")
+
+
+def test_a_typed_config_runs_exactly_as_the_flags_do(inputs, tiny_hf_dir, tmp_path):
+    flags = run(inputs, tiny_hf_dir, tmp_path, *guarded(inputs), "--batch-size", "3")
+    typed = run_config(
+        inputs, tiny_hf_dir, tmp_path / "typed", sae=inputs / "sae", ab=True,
+        guard=GuardConfig(alpha=1.0), batch_size=3,
+    )  # fmt: skip
+    for arm in ("off", "on"):
+        assert texts(tmp_path / "typed", arm) == texts(tmp_path, arm)
+    assert texts(tmp_path, "on") != texts(tmp_path, "off")
+    for results in (flags, typed):
+        for key in ("environment", "generation_seconds"):
+            results["settings"].pop(key)
+    assert typed == flags
 
 
 def test_a_killed_run_resumes_with_only_the_missing_answers(
@@ -186,7 +202,7 @@ def test_single_arm_runs_and_one_split_per_file(inputs, tiny_hf_dir, tmp_path):
     assert answers(tmp_path, "off")[0]["prompt"].endswith(
         "Please answer this question with one word."
     )
-    assert common.arms(harness.parser().parse_args(["--sae", "x"])) == ("on",)
+    assert PopeRunConfig(model="m", sae="x", out=tmp_path).arms == ("on",)
 
 
 def test_paper_mode_runs_through_the_handles_generate(inputs, tiny_hf_dir, tmp_path):

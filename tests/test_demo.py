@@ -1,11 +1,16 @@
 """The README's demo: runs end to end through the real harness and its files agree."""
 
+import argparse
 import importlib.util
 import json
 from pathlib import Path
 
-from vlsae_guard import VLSAE
+import pytest
+
+from vlsae_guard import VLSAE, GuardConfig
 from vlsae_guard.cli import main
+from vlsae_guard.harness import pope as harness
+from vlsae_guard.harness.config import DemoConfig
 from vlsae_guard.lab import demo
 from vlsae_guard.scoring import pope
 
@@ -43,6 +48,20 @@ def test_cli_demo_is_the_same_run(tmp_path, capsys):
     result = json.loads((tmp_path / "results.json").read_text())
     assert result["settings"]["guard"]["alpha"] == 1.0
     assert result["splits"]["pope_shapes"]["comparison"]["n"] == 3 * len(demo.SHAPES)
+
+
+def test_run_demo_takes_a_typed_config_and_parses_no_flags(tmp_path, monkeypatch):
+    def no_parsing(*args, **kwargs):
+        pytest.fail("run_demo parsed command-line flags")
+
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", no_parsing)
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_known_args", no_parsing)
+    config = DemoConfig(out=tmp_path, n_images=2, limit=4, guard=GuardConfig(alpha=0.7))
+    results, text = harness.run_demo(config, progress=False)
+    assert results["settings"]["guard"] == GuardConfig(alpha=0.7).model_dump(mode="json")
+    assert results["settings"]["limit"] == 4 and results["mean_f1"]["splits"] == ["pope_shapes"]
+    assert results["splits"]["pope_shapes"]["comparison"]["n"] == 4
+    assert "alpha=0.7" in text and (tmp_path / "results.json").exists()
 
 
 def test_scenes_match_their_questions():

@@ -5,7 +5,12 @@ import argparse
 import pytest
 
 from vlsae_guard import GuardConfig
-from vlsae_guard.cli.guard_flags import add_guard_flags, settings_from_args
+from vlsae_guard.cli.guard_flags import (
+    GuardFlagsError,
+    add_guard_flags,
+    guard_config,
+    settings_from_args,
+)
 
 
 def parse(*argv):
@@ -50,9 +55,18 @@ def test_paper_mode_flags_get_paper_defaults():
         (["--vlsae-steer", "{not json"], "vlsae"),
     ],
 )
-def test_bad_settings_exit_with_a_message(argv, match):
-    with pytest.raises(SystemExit, match=match):
+def test_bad_settings_raise_with_a_message(argv, match):
+    with pytest.raises(GuardFlagsError, match=match):
         settings_from_args(parse("--vlsae-guard", "sae", *argv))
+
+
+def test_invalid_flags_are_a_library_error_not_an_exit():
+    with pytest.raises(ValueError) as error:  # GuardFlagsError is a ValueError, not SystemExit
+        settings_from_args(parse("--vlsae-guard", "sae", "--vlsae-alpha", "2"))
+    assert type(error.value) is GuardFlagsError
+    assert str(error.value).startswith("invalid --vlsae-* settings\n  --vlsae-alpha: ")
+    with pytest.raises(GuardFlagsError, match="--vlsae-alpha"):  # also without a checkpoint
+        guard_config(parse("--vlsae-alpha", "2"))
 
 
 def test_the_old_name_method_still_works_with_a_warning():

@@ -16,7 +16,7 @@ from transformers import GPT2Config, LlamaConfig
 
 from vlsae_guard import VLSAE, GuardConfig, GuardError, SAEConfig, UnsupportedModelError, guard
 from vlsae_guard.cli import main
-from vlsae_guard.cli.guard_flags import add_guard_flags, settings_from_args
+from vlsae_guard.cli.guard_flags import GuardFlagsError, add_guard_flags, settings_from_args
 from vlsae_guard.core.checkpoint import import_official, load
 from vlsae_guard.harness import generation
 from vlsae_guard.harness import pope as harness
@@ -132,7 +132,7 @@ def test_steer_flag_errors_say_what_is_expected(steer, fragment):
     parser = argparse.ArgumentParser()
     add_guard_flags(parser)
     args = parser.parse_args(["--vlsae-guard", "sae", "--vlsae-steer", steer])
-    with pytest.raises(SystemExit) as error:
+    with pytest.raises(GuardFlagsError) as error:
         settings_from_args(args)
     assert fragment in str(error.value)
 

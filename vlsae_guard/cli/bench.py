@@ -8,31 +8,38 @@ import json
 import sys
 from pathlib import Path
 
+from ..core.intervention import GuardConfig
+from ..harness.config import DemoConfig
 from ..outputs import write_text
-from .app import arg, rewrite_args, rewrite_flag, subcommand, write_json
+from .app import arg, field_arg, rewrite_args, rewrite_flag, subcommand, validated, write_json
 
 
 @subcommand(
     "demo",
     "A/B POPE run of the guard on a tiny LLaVA built here (offline, under a minute on a CPU)",
-    arg("--images", type=int, default=24, help="generated images (3 questions each)"),
-    arg("--seed", type=int, default=0),
-    arg("--alpha", type=float, default=0.5),
+    field_arg(DemoConfig, "n_images", "--images", type=int, fill=True, help="generated images"),
+    field_arg(DemoConfig, "seed", "--seed", type=int, fill=True),
+    arg("--alpha", type=float, help="guard strength in [0, 1] (default: 0.5, the guard's)"),
     *rewrite_args(),
-    arg("--batch-size", type=int, default=8),
-    arg("--out", type=Path, default=Path("runs/demo"), help="output directory"),
+    field_arg(DemoConfig, "batch_size", "--batch-size", type=int, fill=True),
+    field_arg(DemoConfig, "out", "--out", type=Path, fill=True, help="output directory"),
 )
 def demo_command(args: argparse.Namespace) -> None:
     """Same as ``python benchmarks/pope.py --demo``: build a tiny LLaVA, a VL-SAE fitted to it,
     images and POPE questions; run the A/B harness; print both arms, deltas and McNemar's p."""
     from ..harness import pope as harness
 
-    bench = harness.parser().parse_args(
-        ["--demo", "--out", str(args.out), "--seed", str(args.seed)]
-        + ["--batch-size", str(args.batch_size)]
-        + ["--vlsae-alpha", str(args.alpha), "--vlsae-rewrite", rewrite_flag(args)]
+    guard = validated(GuardConfig, "guard settings", alpha=args.alpha, rewrite=rewrite_flag(args))
+    config = validated(
+        DemoConfig,
+        "arguments",
+        out=args.out,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        n_images=args.images,
+        guard=guard,
     )
-    print(harness.run_demo(bench, n_images=args.images)[1])
+    print(harness.run_demo(config)[1])
 
 
 @subcommand(

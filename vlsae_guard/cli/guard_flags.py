@@ -48,12 +48,22 @@ def add_guard_flags(parser: argparse.ArgumentParser, prefix: str = "vlsae-") -> 
     )
 
 
+class GuardFlagsError(ValueError):
+    """The guard flags do not describe a valid :class:`GuardConfig` (the message names them)."""
+
+
 def settings_from_args(args: argparse.Namespace, prefix: str = "vlsae-") -> GuardConfig | None:
     """The validated :class:`GuardConfig` the flags describe, or None when not guarding."""
+    if vars(args).get(f"{prefix.replace('-', '_')}guard") is None:
+        return None
+    return guard_config(args, prefix)
+
+
+def guard_config(args: argparse.Namespace, prefix: str = "vlsae-") -> GuardConfig:
+    """The settings flags as a :class:`GuardConfig`, whether or not a checkpoint is given;
+    invalid ones raise :class:`GuardFlagsError`."""
     ns = vars(args)
     attr = prefix.replace("-", "_")
-    if ns.get(f"{attr}guard") is None:
-        return None
     fields = ("mode", "rewrite", "method", "alpha", "text_grounded", "layer", "steer")
     given = {f: ns.get(f"{attr}{f}") for f in fields}
     given = {f: v for f, v in given.items() if v is not None}
@@ -65,11 +75,11 @@ def settings_from_args(args: argparse.Namespace, prefix: str = "vlsae-") -> Guar
             names.update({f"steer.{c}": f"{names['steer']} concept {c}" for c in given["steer"]})
         return GuardConfig(**given)
     except ValidationError as e:
-        raise SystemExit(
+        raise GuardFlagsError(
             f"invalid --{prefix}* settings\n{describe_validation_error(e, names)}"
         ) from e
     except ValueError as e:
-        raise SystemExit(f"invalid --{prefix}* settings: {e}") from e
+        raise GuardFlagsError(f"invalid --{prefix}* settings: {e}") from e
 
 
 def parse_steer(text: str, flag: str) -> dict[int, float]:

@@ -1,5 +1,7 @@
 """Benchmark runners (POPE, CHAIR): batched, resumable A/B generation around the scorers.
 
-``benchmarks/pope.py`` and ``benchmarks/chair.py`` only parse arguments and call into here;
-the metrics themselves are pure functions in :mod:`vlsae_guard.scoring`.
+``pope.run`` and ``chair.run`` take a validated run config (:mod:`.config`);
+``benchmarks/pope.py`` and ``benchmarks/chair.py`` only turn their flags into one
+(:mod:`vlsae_guard.cli.bench_flags`) and call into here. The metrics themselves are pure
+functions in :mod:`vlsae_guard.scoring`.
 """

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from pathlib import Path
@@ -12,50 +11,19 @@ from ..scoring import chair, report
 from ..scoring.files import DataError
 from . import common
 from .common import Item, Job
-
-SPLITS = ("chair500",)
-
-
-def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="benchmarks/chair.py",
-        description="CHAIR on a LLaVA model with and without the VL-SAE guard (A/B).",
-    )
-    common.add_common_args(p, max_new_tokens=512)
-    g = p.add_argument_group("CHAIR")
-    g.add_argument(
-        "--split",
-        choices=SPLITS,
-        default="chair500",
-        help="chair500: the 500 COCO val2014 images of the standard LLaVA protocol",
-    )
-    g.add_argument(
-        "--image-ids",
-        type=Path,
-        metavar="FILE",
-        help="COCO image ids, one per line, instead of --split",
-    )
-    g.add_argument("--prompt", default=chair.PROMPT, help=f"default: {chair.PROMPT!r}")
-    g.add_argument(
-        "--coco-annotations",
-        type=Path,
-        metavar="DIR",
-        help="build the ground truth from the COCO 2014 annotation files "
-        "(cached) instead of the shipped table",
-    )
-    return p
+from .config import ChairRunConfig
 
 
-def image_ids(args: argparse.Namespace) -> tuple[str, list[int]]:
-    if args.image_ids:
-        text = args.image_ids.read_text().split()
-        ids = [chair.image_id(t, f"{args.image_ids}") for t in text]
-        name = args.image_ids.stem
+def image_ids(config: ChairRunConfig) -> tuple[str, list[int]]:
+    if config.image_ids:
+        text = config.image_ids.read_text().split()
+        ids = [chair.image_id(t, f"{config.image_ids}") for t in text]
+        name = config.image_ids.stem
     else:
-        ids, name = chair.chair500_ids(), args.split
+        ids, name = chair.chair500_ids(), config.split
     if len(set(ids)) != len(ids):
         raise DataError(f"{name}: image ids repeat")
-    return name, ids[: args.limit] if args.limit else ids
+    return name, ids[: config.limit] if config.limit else ids
 
 
 def image_file(directory: Path, image: int) -> Path:
@@ -65,28 +33,30 @@ def image_file(directory: Path, image: int) -> Path:
     return train if not val.exists() and train.exists() else val
 
 
-def run(args: argparse.Namespace, progress: bool = True) -> dict:
-    common.check_args(args)
-    arms = common.arms(args)
-    name, ids = image_ids(args)
-    gt = chair.ground_truth(args.coco_annotations)
+def run(config: ChairRunConfig, progress: bool = True) -> dict:
+    """Generate the missing captions and score both arms; returns the results dict
+    (:func:`finish` writes it)."""
+    outputs.check_writable(config.out)  # before hashing and loading: a late failure loses a batch
+    arms = config.arms
+    name, ids = image_ids(config)
+    gt = chair.ground_truth(config.coco_annotations)
     gt.check(ids)  # before any generation: unknown ids would all count as hallucinations
-    setup = common.setup(args)
+    setup = common.setup(config)
     jobs = []
     for arm in arms:
-        settings = setup.answer_settings(args, arm, {"prompt": args.prompt})
-        log_path = common.answers_dir(args.out, arm) / f"{common.safe_name(name)}.jsonl"
+        settings = setup.answer_settings(config, arm, {"prompt": config.prompt})
+        log_path = common.answers_dir(config.out, arm) / f"{common.safe_name(name)}.jsonl"
         log = common.AnswerLog(log_path, "image_id", settings)
         items = [
-            Item(str(i), image_file(args.images or Path(), i), args.prompt, {"image_id": i})
+            Item(str(i), image_file(config.images or Path(), i), config.prompt, {"image_id": i})
             for i in ids
         ]
         jobs.append(Job(arm, name, items, log))
-    if any(job.pending() for job in jobs) and args.images is None:
+    if any(job.pending() for job in jobs) and config.images is None:
         raise common.BenchmarkError("--images DIR is required (COCO val2014 images)")
-    common.check_images(jobs, args.out)
+    common.check_images(jobs, config.out)
     started = time.perf_counter()
-    common.generate(args, setup, jobs, "caption", progress)
+    common.generate(config, setup, jobs, "caption", progress)
     seconds = time.perf_counter() - started
 
     scores, empty = {}, {}
@@ -94,7 +64,7 @@ def run(args: argparse.Namespace, progress: bool = True) -> dict:
         captions = [(int(it.key), job.log.records[it.key]["caption"]) for it in job.items]
         scores[job.arm] = chair.score_captions(captions, gt)
         empty[job.arm] = sum(not caption.strip() for _, caption in captions)
-        details = args.out / f"chair_details_guard-{job.arm}.jsonl"
+        details = config.out / f"chair_details_guard-{job.arm}.jsonl"
         outputs.write_text(
             details, "".join(json.dumps(s.to_json()) + "\n" for s in scores[job.arm])
         )
@@ -108,17 +78,17 @@ def run(args: argparse.Namespace, progress: bool = True) -> dict:
     )
     if len(arms) == 2:
         results["comparison"] = chair.compare(
-            scores["off"], scores["on"], args.bootstrap, args.seed
+            scores["off"], scores["on"], config.bootstrap, config.seed
         )
     results["settings"] = common.settings_record(
-        args,
+        config,
         setup,
         {
             "split": name,
-            "prompt": args.prompt,
+            "prompt": config.prompt,
             "ground_truth": gt.source,
             "scorer": chair.SCORER_VERSION,
-            "bootstrap": {"replicates": args.bootstrap, "seed": args.seed, "level": 0.95},
+            "bootstrap": {"replicates": config.bootstrap, "seed": config.seed, "level": 0.95},
             "generation_seconds": round(seconds, 1),
         },
     )

@@ -1,14 +1,14 @@
-"""What the POPE and CHAIR runners share: flags, provenance, resumable batched A/B generation.
+"""What the POPE and CHAIR runners share: provenance, resumable batched A/B generation.
 
-Order of a run: resolve and hash the model and SAE, open (and resume) the answer files, check
-that every image still needed exists (one error listing the missing ones, before any model is
-loaded), then load the model once, ready for both arms, and answer batch by batch: first the
-arm with the guard off, then on. Answers are on disk before the next batch starts.
+Order of a run (its settings already validated, see :mod:`.config`): resolve and hash the model
+and SAE, open (and resume) the answer files, check that every image still needed exists (one
+error listing the missing ones, before any model is loaded), then load the model once, ready
+for both arms, and answer batch by batch: first the arm with the guard off, then on. Answers
+are on disk before the next batch starts.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import random
@@ -25,15 +25,14 @@ from tqdm import tqdm
 
 from .. import outputs, provenance
 from ..backends import UnsupportedModelError, checkpoint_family, read_model_config
-from ..cli.guard_flags import add_guard_flags, settings_from_args
+from ..cli.guard_flags import GuardFlagsError
 from ..core.intervention import GuardConfig
 from ..scoring import report
 from ..scoring.files import DataError
-from ..scoring.stats import DEFAULT_BOOTSTRAP
 from . import generation
 from .answers import AnswerLog
+from .config import ARMS, RunConfig
 
-ARMS = ("off", "on")
 DEMO_NOTE = (
     "NOTE: a tiny random-weight model built here; these numbers say nothing about real LLaVA "
     "models or about whether the guard reduces hallucination. They show that the A/B pipeline "
@@ -43,131 +42,6 @@ DEMO_NOTE = (
 
 class BenchmarkError(RuntimeError):
     """The run cannot start as asked (arguments that do not fit together)."""
-
-
-def add_common_args(parser: argparse.ArgumentParser, max_new_tokens: int) -> None:
-    """Model, arms, data, batching, decoding and output flags; the guard flags as everywhere."""
-    g = parser.add_argument_group("model")
-    g.add_argument(
-        "--model",
-        help="model directory or Hub id (e.g. llava-hf/llava-1.5-7b-hf); for --backend openai "
-        "the served model name (default: the server's only model; hashed when it is a directory)",
-    )
-    g.add_argument(
-        "--backend",
-        choices=generation.BACKENDS,
-        default="hf",
-        help="hf: transformers; llava: the original llava package; vllm: an offline vLLM engine "
-        "serving both arms; openai: a running `vlsae-guard serve` at --base-url",
-    )
-    g.add_argument("--base-url", help="--backend openai: the server, e.g. http://host:8000/v1")
-    g.add_argument(
-        "--engine-args",
-        type=json.loads,
-        default={},
-        metavar="JSON",
-        help="--backend vllm: vllm.LLM keyword arguments, e.g. '{\"max_model_len\": 4096}'",
-    )
-    g.add_argument(
-        "--dtype",
-        choices=["auto", "float16", "bfloat16", "float32"],
-        default="auto",
-        help="auto: float16 on a GPU, float32 on a CPU",
-    )
-    g.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    g.add_argument(
-        "--prompt-format",
-        choices=generation.PROMPT_FORMATS,
-        default=None,
-        help="llava: LLaVA-1.5's vicuna_v1 eval conversation (default; not --backend openai); "
-        "chat-template: the processor's chat template (hf, vllm; the only one for openai, "
-        "where the server applies it)",
-    )
-    g = parser.add_argument_group("A/B")
-    g.add_argument(
-        "--sae",
-        dest="vlsae_guard",
-        metavar="DIR",
-        help="VL-SAE checkpoint (directory or Hub id); same as --vlsae-guard",
-    )
-    g.add_argument(
-        "--ab",
-        action="store_true",
-        help="run both arms (guard off, then on); without it one arm runs: on when "
-        "--sae is given, else off",
-    )
-    g = parser.add_argument_group("run")
-    g.add_argument("--images", type=Path, help="image directory (COCO val2014 for COCO/CHAIR)")
-    g.add_argument("--limit", type=int, default=None, help="first N items per split (smoke runs)")
-    g.add_argument("--batch-size", type=int, default=8)
-    g.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
-    g.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
-    g.add_argument("--top-p", type=float, default=None)
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument(
-        "--bootstrap",
-        type=int,
-        default=DEFAULT_BOOTSTRAP,
-        help="paired bootstrap replicates for the 95%% intervals",
-    )
-    g.add_argument("--out", type=Path, default=None, help="output directory")
-    add_guard_flags(parser)
-
-
-def arms(args: argparse.Namespace) -> tuple[str, ...]:
-    if args.ab and not args.vlsae_guard and getattr(args, "backend", "hf") != "openai":
-        raise BenchmarkError("--ab needs --sae DIR (the guard arm)")
-    if args.ab:
-        return ARMS
-    return ("on",) if args.vlsae_guard else ("off",)
-
-
-def check_args(args: argparse.Namespace) -> None:
-    """Refuse flag combinations that cannot run (then an --out that cannot be written); fills
-    in the backend's prompt format."""
-    openai = args.backend == "openai"
-    if args.model is None and not openai:
-        raise BenchmarkError("--model is required (or --demo)")
-    if args.out is None:
-        raise BenchmarkError("--out DIR is required")
-    if args.batch_size < 1:
-        raise BenchmarkError("--batch-size must be >= 1")
-    if args.limit is not None and args.limit < 1:
-        raise BenchmarkError("--limit must be >= 1")
-    if openai != (args.base_url is not None):
-        raise BenchmarkError("--base-url URL goes with --backend openai (and only with it)")
-    if args.engine_args and args.backend != "vllm":
-        raise BenchmarkError("--engine-args goes with --backend vllm")
-    if not isinstance(args.engine_args, dict):
-        raise BenchmarkError(f"--engine-args: expected a JSON object, found {args.engine_args!r}")
-    owned = sorted(set(args.engine_args) & {"model", "dtype", "seed", "hf_overrides"})
-    if owned:
-        raise BenchmarkError(
-            f"--engine-args: {', '.join(owned)} are set by this runner (--model, --dtype, --seed; "
-            "the guarded architecture), not through --engine-args"
-        )
-    if args.backend in generation.SERVED and args.device is not None:
-        raise BenchmarkError(f"--device does not apply to --backend {args.backend}: vLLM picks it")
-    if args.prompt_format is None:
-        args.prompt_format = "chat-template" if openai else "llava"
-    if args.backend == "llava" and args.prompt_format != "llava":
-        raise BenchmarkError(
-            "--backend llava builds LLaVA's own conversation (--prompt-format llava)"
-        )
-    if openai and args.prompt_format != "chat-template":
-        raise BenchmarkError(
-            "--backend openai: the server applies its chat template (--prompt-format "
-            "chat-template); for LLaVA's eval conversation use --backend vllm or hf"
-        )
-    if args.backend in generation.SERVED:
-        config = settings_from_args(args)
-        if config is not None and (config.mode == "paper" or config.text_grounded):
-            raise BenchmarkError(
-                f"--backend {args.backend} runs the projector guard without text_grounded "
-                "(vLLM caches projector outputs per image); use --backend hf for paper mode "
-                "or --vlsae-text-grounded"
-            )
-    outputs.check_writable(args.out)  # before hashing and loading: a late failure loses a batch
 
 
 def resolve_model(model: str) -> Path:
@@ -242,25 +116,27 @@ class Setup:
     def guard(self) -> dict | None:
         return None if self.config is None else self.config.model_dump(mode="json")
 
-    def answer_settings(self, args: argparse.Namespace, arm: str, extra: dict) -> dict:
+    def answer_settings(self, run: RunConfig, arm: str, extra: dict) -> dict:
         """What an arm's answers depend on (the answer files' sidecar)."""
         base = {
-            "backend": args.backend,
-            "model": args.model,
+            "backend": run.backend,
+            "model": run.model,
             "model_sha256": self.model_sha256,
-            "dtype": args.dtype,
-            "device": (args.device or ("cuda" if torch.cuda.is_available() else "cpu")).split(":")[
-                0
-            ],
-            "prompt_format": args.prompt_format,
+            "dtype": run.dtype,
+            "device": device(run).split(":")[0],
+            "prompt_format": run.prompt_format,
             "decoding": self.decoding.describe(),
-            "seed": args.seed,
-            **backend_record(args.backend, self.options),
+            "seed": run.seed,
+            **backend_record(run.backend, self.options),
             **extra,
         }
         if arm == "on":
             base.update(sae_sha256=self.sae_sha256, guard=self.guard)
         return base
+
+
+def device(run: RunConfig) -> str:
+    return run.device or ("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def backend_record(backend: str, options: dict) -> dict:
@@ -276,37 +152,36 @@ def backend_record(backend: str, options: dict) -> dict:
     return {}
 
 
-def setup(args: argparse.Namespace) -> Setup:
-    config = settings_from_args(args)
+def setup(run: RunConfig) -> Setup:
     options: dict = {}
-    if args.backend == "openai":
-        local = args.model is not None and Path(args.model).expanduser().is_dir()
-        model_dir = Path(args.model).expanduser().resolve() if local else None
+    if run.backend == "openai":
+        local = run.model is not None and Path(run.model).expanduser().is_dir()
+        model_dir = Path(run.model).expanduser().resolve() if local else None
         options = {
-            "base_url": args.base_url,
-            "served_model": generation.served_model(args.base_url, args.model),
-            "concurrency": args.batch_size,
+            "base_url": run.base_url,
+            "served_model": generation.served_model(run.base_url, run.model),
+            "concurrency": run.batch_size,
             # Without the weights here we cannot see the template; the server's default stays.
             "extra_body": generation.openai_extra_body(model_dir) if local else {},
         }
     else:
-        model_dir = resolve_model(args.model)
-        check_family(args.backend, model_dir)
-        if args.backend == "vllm":
-            options = {"engine_args": args.engine_args}
+        model_dir = resolve_model(run.model)
+        check_family(run.backend, model_dir)
+        if run.backend == "vllm":
+            options = {"engine_args": run.engine_args}
     sae_dir = sae_sha = None
-    if args.vlsae_guard:
+    if run.sae:
         from ..core.checkpoint import resolve
 
-        sae_dir = resolve(args.vlsae_guard)
+        sae_dir = resolve(run.sae)
         sae_sha = provenance.sha256_dir(sae_dir)
     return Setup(
         model_dir=model_dir,
         model_sha256=None if model_dir is None else provenance.sha256_dir(model_dir),
         sae_dir=sae_dir,
         sae_sha256=sae_sha,
-        config=config,
-        decoding=generation.Decoding(args.max_new_tokens, args.temperature, args.top_p),
+        config=run.guard,
+        decoding=generation.Decoding(run.max_new_tokens, run.temperature, run.top_p),
         options=options,
     )
 
@@ -333,7 +208,7 @@ def seed_everything(seed: int) -> None:
 
 
 def generate(
-    args: argparse.Namespace,
+    run: RunConfig,
     setup_: Setup,
     jobs: Sequence[Job],
     output_field: str,
@@ -343,30 +218,30 @@ def generate(
     todo = [job for job in jobs if job.pending()]
     if not todo:
         return
-    guarded = any(job.arm == "on" for job in todo) and args.backend != "openai"
-    model = args.model if setup_.model_dir is None else str(setup_.model_dir)
+    guarded = any(job.arm == "on" for job in todo) and run.backend != "openai"
+    model = run.model if setup_.model_dir is None else str(setup_.model_dir)
     generator = generation.load(
-        args.backend,
+        run.backend,
         model,
-        args.dtype,
-        args.device,
-        args.prompt_format,
+        run.dtype,
+        run.device,
+        run.prompt_format,
         sae=setup_.sae_dir if guarded else None,
         config=setup_.config,
-        seed=args.seed,
+        seed=run.seed,
         options=setup_.options,
     )
     try:
         for arm in ARMS:
             for job in (j for j in todo if j.arm == arm):
-                _answer(generator, job, args, setup_, output_field, progress)
+                _answer(generator, job, run, setup_, output_field, progress)
     finally:
         generator.close()
 
 
-def _answer(generator, job: Job, args, setup_: Setup, field: str, progress: bool):
+def _answer(generator, job: Job, run: RunConfig, setup_: Setup, field: str, progress: bool):
     pending = job.pending()
-    seed_everything(args.seed)
+    seed_everything(run.seed)
     bar = tqdm(
         total=len(pending),
         desc=f"{job.split} [guard {job.arm}]",
@@ -375,8 +250,8 @@ def _answer(generator, job: Job, args, setup_: Setup, field: str, progress: bool
         file=sys.stderr,
     )
     with bar:
-        for start in range(0, len(pending), args.batch_size):
-            batch = pending[start : start + args.batch_size]
+        for start in range(0, len(pending), run.batch_size):
+            batch = pending[start : start + run.batch_size]
             images = [_open(it.image) for it in batch]
             texts = generator.answer(images, [it.prompt for it in batch], setup_.decoding, job.arm)
             job.log.append(
@@ -391,25 +266,25 @@ def _open(path: Path) -> Image.Image:
         return im.convert("RGB")
 
 
-def settings_record(args: argparse.Namespace, setup_: Setup, extra: dict) -> dict:
+def settings_record(run: RunConfig, setup_: Setup, extra: dict) -> dict:
     """The ``settings`` block of results.json."""
     return {
-        "command": [Path(sys.argv[0]).name, *sys.argv[1:]],
-        "backend": args.backend,
-        "model": args.model,
+        "command": run.command,
+        "backend": run.backend,
+        "model": run.model,
         "model_dir": str(setup_.model_dir),
         "model_sha256": setup_.model_sha256,
-        "dtype": args.dtype,
-        "device": args.device or ("cuda" if torch.cuda.is_available() else "cpu"),
-        "prompt_format": args.prompt_format,
-        **backend_record(args.backend, setup_.options),
-        "sae": args.vlsae_guard,
+        "dtype": run.dtype,
+        "device": device(run),
+        "prompt_format": run.prompt_format,
+        **backend_record(run.backend, setup_.options),
+        "sae": run.sae,
         "sae_sha256": setup_.sae_sha256,
         "guard": setup_.guard,
         "decoding": setup_.decoding.describe(),
-        "seed": args.seed,
-        "batch_size": args.batch_size,
-        "limit": args.limit,
+        "seed": run.seed,
+        "batch_size": run.batch_size,
+        "limit": run.limit,
         **extra,
         "environment": provenance.environment(),
     }
@@ -460,6 +335,7 @@ def fail(prog: str, error: Exception) -> int:
 EXPECTED_ERRORS: tuple[type[Exception], ...] = (
     DataError,
     BenchmarkError,
+    GuardFlagsError,
     UnsupportedModelError,
     generation.BackendUnavailable,
     generation.GenerationError,

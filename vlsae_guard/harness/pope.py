@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import time
@@ -13,92 +12,58 @@ from ..scoring import pope, report
 from ..scoring.files import DataError
 from . import common
 from .common import Item, Job
+from .config import DemoConfig, PopeRunConfig
 
 
-def add_args(parser: argparse.ArgumentParser) -> None:
-    common.add_common_args(parser, max_new_tokens=128)  # llava/eval/model_vqa_loader's default
-    g = parser.add_argument_group("POPE")
-    g.add_argument(
-        "--dataset",
-        choices=list(pope.DATASETS),
-        default="coco",
-        help="coco: current files; coco_llava: the older files LLaVA-1.5's numbers "
-        "used; aokvqa; gqa",
-    )
-    g.add_argument("--split", choices=[*pope.SPLITS, "all"], default="all")
-    g.add_argument(
-        "--questions",
-        nargs="+",
-        metavar="FILE",
-        help="question files (JSON lines or array) instead of --dataset/--split",
-    )
-    g.add_argument(
-        "--prompt",
-        choices=list(pope.PROMPTS),
-        default="llava",
-        help="llava: '{question}\\nAnswer the question using a single word or "
-        "phrase.'; vcd: '{question} Please answer this question with one word.'",
-    )
-    g.add_argument(
-        "--strict",
-        action="store_true",
-        help="strict exact yes/no parser instead of LLaVA's (see docs)",
-    )
-    g.add_argument(
-        "--demo",
-        action="store_true",
-        help="build a tiny LLaVA, a VL-SAE, images and questions here and run the A/B "
-        "end to end (offline, CPU, about a minute)",
-    )
-
-
-def question_sets(args: argparse.Namespace) -> list[pope.QuestionSet]:
-    specs = args.questions or [
-        f"{args.dataset}/{s}" for s in (pope.SPLITS if args.split == "all" else [args.split])
+def question_sets(run: PopeRunConfig) -> list[pope.QuestionSet]:
+    specs = run.questions or [
+        f"{run.dataset}/{s}" for s in (pope.SPLITS if run.split == "all" else [run.split])
     ]
     sets = [pope.load_questions(spec) for spec in specs]
-    if args.limit:
-        sets = [dataclasses.replace(qs, questions=qs.questions[: args.limit]) for qs in sets]
+    if run.limit:
+        sets = [dataclasses.replace(qs, questions=qs.questions[: run.limit]) for qs in sets]
     names = [qs.name for qs in sets]
     if len(set(names)) != len(names):
         raise DataError(f"question files must have distinct names, got {names}")
     return sets
 
 
-def run(args: argparse.Namespace, progress: bool = True) -> dict:
-    """Generate what is missing, score both arms, write results; returns the results dict."""
-    common.check_args(args)
-    arms = common.arms(args)
-    sets = question_sets(args)
-    setup = common.setup(args)
-    template = pope.PROMPTS[args.prompt]
+def run(config: PopeRunConfig, progress: bool = True) -> dict:
+    """Generate what is missing and score both arms; returns the results dict (:func:`finish`
+    writes it)."""
+    outputs.check_writable(config.out)  # before hashing and loading: a late failure loses a batch
+    arms = config.arms
+    sets = question_sets(config)
+    setup = common.setup(config)
+    template = pope.PROMPTS[config.prompt]
     jobs = []
     for arm in arms:
         for qs in sets:
             settings = setup.answer_settings(
-                args, arm, {"prompt": template, "questions_sha256": qs.sha256}
+                config, arm, {"prompt": template, "questions_sha256": qs.sha256}
             )
-            log_path = common.answers_dir(args.out, arm) / f"{common.safe_name(qs.name)}.jsonl"
+            log_path = common.answers_dir(config.out, arm) / f"{common.safe_name(qs.name)}.jsonl"
             log = common.AnswerLog(log_path, "question_id", settings)
             items = [
                 Item(
                     key=str(q.question_id),
-                    image=(args.images or Path()) / q.image,
-                    prompt=pope.build_prompt(q.text, args.prompt),
+                    image=(config.images or Path()) / q.image,
+                    prompt=pope.build_prompt(q.text, config.prompt),
                     record={"question_id": q.question_id, "image": q.image},
                 )
                 for q in qs.questions
             ]
             jobs.append(Job(arm, qs.name, items, log))
-    if any(job.pending() for job in jobs) and args.images is None:
+    if any(job.pending() for job in jobs) and config.images is None:
         raise common.BenchmarkError("--images DIR is required (the question files' images)")
-    common.check_images(jobs, args.out)
+    common.check_images(jobs, config.out)
     started = time.perf_counter()
-    common.generate(args, setup, jobs, "text", progress)
-    return score(args, setup, sets, jobs, arms, time.perf_counter() - started)
+    common.generate(config, setup, jobs, "text", progress)
+    return score(config, setup, sets, jobs, arms, time.perf_counter() - started)
 
 
-def score(args, setup, sets, jobs, arms, seconds: float) -> dict:
+def score(config: PopeRunConfig, setup, sets, jobs, arms, seconds: float) -> dict:
+    strict = config.strict
     texts = {
         (job.arm, job.split): [job.log.records[it.key]["text"] for it in job.items] for job in jobs
     }
@@ -106,26 +71,25 @@ def score(args, setup, sets, jobs, arms, seconds: float) -> dict:
     for qs in sets:
         splits[qs.name] = {"questions": qs.describe()}
         for arm in arms:
-            splits[qs.name][arm] = pope.score(qs, texts[arm, qs.name], args.strict)
+            splits[qs.name][arm] = pope.score(qs, texts[arm, qs.name], strict)
     results: dict = {"benchmark": "pope", "arms": list(arms)}
     mean = {"splits": [qs.name for qs in sets]}
     mean.update({arm: pope.mean_f1({n: s[arm] for n, s in splits.items()}) for arm in arms})
     if len(arms) == 2:
         preds = {
             arm: {
-                qs.name: [pope.parse_answer(t, args.strict) for t in texts[arm, qs.name]]
-                for qs in sets
+                qs.name: [pope.parse_answer(t, strict) for t in texts[arm, qs.name]] for qs in sets
             }
             for arm in arms
         }
         labels = {qs.name: [q.label for q in qs.questions] for qs in sets}
-        both = pope.compare_splits(labels, preds["off"], preds["on"], args.bootstrap, args.seed)
+        both = pope.compare_splits(labels, preds["off"], preds["on"], config.bootstrap, config.seed)
         for qs in sets:  # the per-question paired outcomes McNemar's test is computed on
             rows = zip(qs.questions, texts["off", qs.name], texts["on", qs.name], strict=True)
-            paired = args.out / "paired" / f"{common.safe_name(qs.name)}.jsonl"
+            paired = config.out / "paired" / f"{common.safe_name(qs.name)}.jsonl"
             with outputs.replacing(paired) as f:
                 for q, off, on in rows:
-                    pred_off, pred_on = (pope.parse_answer(t, args.strict) for t in (off, on))
+                    pred_off, pred_on = (pope.parse_answer(t, strict) for t in (off, on))
                     record = {"question_id": q.question_id, "image": q.image, "label": q.label}
                     record.update(off=off, on=on, pred_off=pred_off, pred_on=pred_on)
                     record.update(correct_off=pred_off == q.label, correct_on=pred_on == q.label)
@@ -136,15 +100,15 @@ def score(args, setup, sets, jobs, arms, seconds: float) -> dict:
     results["splits"] = splits
     results["mean_f1"] = mean
     empty = {f"{name}, guard {arm}": splits[name][arm]["empty"] for name in splits for arm in arms}
-    results["warnings"] = common.empty_warnings(empty, "answers", pope.EMPTY_MEANS[args.strict])
+    results["warnings"] = common.empty_warnings(empty, "answers", pope.EMPTY_MEANS[strict])
     results["settings"] = common.settings_record(
-        args,
+        config,
         setup,
         {
-            "prompt": {"style": args.prompt, "template": pope.PROMPTS[args.prompt]},
-            "parser": pope.PARSERS[args.strict],
+            "prompt": {"style": config.prompt, "template": pope.PROMPTS[config.prompt]},
+            "parser": pope.PARSERS[strict],
             "questions": [qs.describe() for qs in sets],
-            "bootstrap": {"replicates": args.bootstrap, "seed": args.seed, "level": 0.95},
+            "bootstrap": {"replicates": config.bootstrap, "seed": config.seed, "level": 0.95},
             "generation_seconds": round(seconds, 1),
         },
     )
@@ -190,67 +154,35 @@ def finish(results: dict, out: Path, title: str, extra_notes=()) -> str:
     return table
 
 
-def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="benchmarks/pope.py",
-        description="POPE on a LLaVA model with and without the VL-SAE guard (A/B).",
-    )
-    add_args(p)
-    return p
-
-
-GUARD_FLAGS = ("mode", "rewrite", "method", "alpha", "text_grounded", "layer", "steer")
-
-
-def run_demo(
-    args: argparse.Namespace, n_images: int = 24, progress: bool = True
-) -> tuple[dict, str]:
-    """Build the demo's inputs under ``args.out`` and run the ordinary A/B on them.
-
-    Of ``args`` (this parser's), the demo uses ``out``, ``seed``, ``batch_size``, ``limit``,
-    ``bootstrap`` and the guard settings; model, data and decoding are the demo's own.
-    """
+def run_demo(config: DemoConfig, progress: bool = True) -> tuple[dict, str]:
+    """Build the demo's inputs under ``config.out`` and run the ordinary A/B on them; returns
+    the results and the text to print. Model, data and decoding are the demo's own."""
     from ..lab import demo
 
-    out = args.out or Path("runs/demo")
-    files = demo.prepare(out / "inputs", n_images=n_images, seed=args.seed)
-    argv = [
-        "--model",
-        str(files.model),
-        "--backend",
-        "hf",
-        "--sae",
-        str(files.sae),
-        "--ab",
-        "--images",
-        str(files.images),
-        "--questions",
-        str(files.questions),
-        "--out",
-        str(out),
-        "--batch-size",
-        str(args.batch_size),
-        "--seed",
-        str(args.seed),
-        "--max-new-tokens",
-        "8",
-        "--dtype",
-        "float32",
-        "--device",
-        "cpu",
-        "--bootstrap",
-        str(args.bootstrap),
-    ]
-    if args.limit:
-        argv += ["--limit", str(args.limit)]
-    demo_args = parser().parse_args(argv)
-    for name in GUARD_FLAGS:  # the guard settings given on the command line, if any
-        setattr(demo_args, f"vlsae_{name}", getattr(args, f"vlsae_{name}", None))
+    out = config.out
+    files = demo.prepare(out / "inputs", n_images=config.n_images, seed=config.seed)
+    demo_run = PopeRunConfig(
+        model=str(files.model),
+        backend="hf",
+        sae=str(files.sae),
+        guard=config.guard,
+        ab=True,
+        images=files.images,
+        questions=[str(files.questions)],
+        out=out,
+        batch_size=config.batch_size,
+        seed=config.seed,
+        max_new_tokens=8,
+        dtype="float32",
+        device="cpu",
+        bootstrap=config.bootstrap,
+        limit=config.limit,
+    )
     started = time.perf_counter()
-    results = run(demo_args, progress)
+    results = run(demo_run, progress)
     results["demo"] = {"sae": files.sae_summary, "seconds": round(time.perf_counter() - started, 1)}
     sae = files.sae_summary
-    asked = question_sets(demo_args)[0].questions
+    asked = question_sets(demo_run)[0].questions
     header = (
         f"vlsae-guard POPE demo: tiny random-weight LLaVA (hf backend), {len(asked)} POPE-style "
         f"questions about {len({q.image for q in asked})} generated images\n"

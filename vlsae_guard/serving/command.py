@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 from pydantic import ValidationError
 
-from ..cli.guard_flags import add_guard_flags, settings_from_args
+from ..cli.guard_flags import GuardFlagsError, add_guard_flags, settings_from_args
 from ..validation import describe_validation_error
 from .server import ServeError, prepare
 from .settings import ServeSettings
@@ -40,8 +40,8 @@ def parse(sae: str | None, rest: Sequence[str]) -> tuple[ServeSettings, list[str
     ns.vlsae_guard = ns.vlsae_guard or sae
     try:
         guard = settings_from_args(ns)
-    except SystemExit as e:  # flags.py reports invalid settings this way
-        raise ServeError(str(e.code)) from e
+    except GuardFlagsError as e:
+        raise ServeError(str(e)) from e
     if guard is None:
         raise ServeError("--sae DIR is required (the VL-SAE checkpoint to guard with)")
     try:

@@ -26,8 +26,10 @@ import torch
 from pydantic import Field, model_validator
 
 from ... import provenance
+from ...core.intervention import GuardConfig
 from ...harness import common
 from ...harness import pope as pope_harness
+from ...harness.config import PopeRunConfig
 from ...pipeline.collect import CollectConfig, collect
 from ...pipeline.pairs import JsonlData
 from ...pipeline.train import AlignConfig, TrainConfig, train
@@ -60,13 +62,11 @@ class Variant(_Strict):
     rewrite: Literal["replace", "edit"] = "replace"
     text_grounded: bool = False
 
-    def flags(self, alpha: float, layer: int) -> list[str]:
-        """The harness's guard flags for this variant at ``alpha``."""
-        flags = ["--vlsae-mode", self.mode, "--vlsae-alpha", str(alpha)]
+    def guard(self, alpha: float, layer: int) -> GuardConfig:
+        """This variant's guard settings at ``alpha`` (paper mode at ``layer``)."""
         if self.mode == "paper":
-            return flags + ["--vlsae-layer", str(layer)]
-        flags += ["--vlsae-rewrite", self.rewrite]
-        return flags + (["--vlsae-text-grounded"] if self.text_grounded else [])
+            return GuardConfig(mode="paper", alpha=alpha, layer=layer)
+        return GuardConfig(alpha=alpha, rewrite=self.rewrite, text_grounded=self.text_grounded)
 
 
 DEFAULT_VARIANTS = (
@@ -287,18 +287,26 @@ def ab(
     """
     layer = config.paper_layer
     sae = saes[f"layer:{layer}" if variant.mode == "paper" else "projector"]
-    argv = [
-        *("--model", str(model_dir), "--backend", "hf", "--prompt-format", "chat-template"),
-        *("--sae", str(sae), "--ab", "--images", str(files["images"]), "--out", str(out)),
-        *("--questions", *(str(files[kind]) for kind in QUESTION_SETS)),
-        *("--batch-size", str(config.eval.batch_size), "--seed", str(seed)),
-        *("--max-new-tokens", "3", "--dtype", "float32", "--device", "cpu"),
-        *("--bootstrap", str(config.eval.bootstrap)),
-        *variant.flags(alpha, layer),
-    ]
+    run = PopeRunConfig(
+        model=str(model_dir),
+        backend="hf",
+        prompt_format="chat-template",
+        sae=str(sae),
+        guard=variant.guard(alpha, layer),
+        ab=True,
+        images=files["images"],
+        questions=[str(files[kind]) for kind in QUESTION_SETS],
+        out=out,
+        batch_size=config.eval.batch_size,
+        seed=seed,
+        max_new_tokens=3,
+        dtype="float32",
+        device="cpu",
+        bootstrap=config.eval.bootstrap,
+    )
     if baseline is not None:
         _reuse_off_arm(baseline, out)
-    results = pope_harness.run(pope_harness.parser().parse_args(argv), progress=False)
+    results = pope_harness.run(run, progress=False)
     splits = {}
     for kind in QUESTION_SETS:
         split = results["splits"][kind]

@@ -1,0 +1,214 @@
+"""The benchmark scripts' flags: argparse in, a validated run config out.
+
+Only the entry points (``benchmarks/pope.py``, ``benchmarks/chair.py``) parse; the harness takes
+a :class:`~vlsae_guard.harness.config.PopeRunConfig` or
+:class:`~vlsae_guard.harness.config.ChairRunConfig`. Every flag's default is read from its config
+field, so the two cannot drift; the guard flags are :mod:`.guard_flags`' as everywhere.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from pydantic import BaseModel, ValidationError
+
+from ..harness.common import BenchmarkError
+from ..harness.config import (
+    CHAIR_SPLITS,
+    DTYPES,
+    ChairRunConfig,
+    DemoConfig,
+    PopeRunConfig,
+    RunConfig,
+)
+from ..harness.generation import BACKENDS, PROMPT_FORMATS
+from ..scoring import chair, pope
+from .guard_flags import add_guard_flags, guard_config, settings_from_args
+
+# argparse destinations that are not named as their field
+DESTS = {"vlsae_guard": "sae"}
+
+
+def default(config: type[BaseModel], field: str):
+    """The field's default (None for a required field: the flag then has none either)."""
+    info = config.model_fields[field]
+    return None if info.is_required() else info.get_default(call_default_factory=True)
+
+
+def _adder(group, config: type[BaseModel]):
+    """``group.add_argument`` with the default of the field the flag sets."""
+
+    def add(name: str, **kwargs) -> None:
+        field = DESTS.get(kwargs.get("dest", ""), name[2:].replace("-", "_"))
+        group.add_argument(name, default=default(config, field), **kwargs)
+
+    return add
+
+
+def add_run_flags(parser: argparse.ArgumentParser, config: type[RunConfig]) -> None:
+    """Model, arms, data, batching, decoding and output flags; the guard flags as everywhere."""
+    add = _adder(parser.add_argument_group("model"), config)
+    add(
+        "--model",
+        help="model directory or Hub id (e.g. llava-hf/llava-1.5-7b-hf); for --backend openai "
+        "the served model name (default: the server's only model; hashed when it is a directory)",
+    )
+    add(
+        "--backend",
+        choices=BACKENDS,
+        help="hf: transformers; llava: the original llava package; vllm: an offline vLLM engine "
+        "serving both arms; openai: a running `vlsae-guard serve` at --base-url",
+    )
+    add("--base-url", help="--backend openai: the server, e.g. http://host:8000/v1")
+    add(
+        "--engine-args",
+        type=json.loads,
+        metavar="JSON",
+        help="--backend vllm: vllm.LLM keyword arguments, e.g. '{\"max_model_len\": 4096}'",
+    )
+    add("--dtype", choices=DTYPES, help="auto: float16 on a GPU, float32 on a CPU")
+    add("--device", help="default: cuda if available, else cpu")
+    add(
+        "--prompt-format",
+        choices=PROMPT_FORMATS,
+        help="llava: LLaVA-1.5's vicuna_v1 eval conversation (default; not --backend openai); "
+        "chat-template: the processor's chat template (hf, vllm; the only one for openai, "
+        "where the server applies it)",
+    )
+    add = _adder(parser.add_argument_group("A/B"), config)
+    add(
+        "--sae",
+        dest="vlsae_guard",
+        metavar="DIR",
+        help="VL-SAE checkpoint (directory or Hub id); same as --vlsae-guard",
+    )
+    add(
+        "--ab",
+        action="store_true",
+        help="run both arms (guard off, then on); without it one arm runs: on when "
+        "--sae is given, else off",
+    )
+    add = _adder(parser.add_argument_group("run"), config)
+    add("--images", type=Path, help="image directory (COCO val2014 for COCO/CHAIR)")
+    add("--limit", type=int, help="first N items per split (smoke runs)")
+    add("--batch-size", type=int)
+    add("--max-new-tokens", type=int)
+    add("--temperature", type=float, help="0: greedy (default)")
+    add("--top-p", type=float)
+    add("--seed", type=int)
+    add("--bootstrap", type=int, help="paired bootstrap replicates for the 95%% intervals")
+    add("--out", type=Path, help="output directory")
+    add_guard_flags(parser)
+
+
+def _parser(benchmark: str, config: type[RunConfig]):
+    """The script's parser with the run flags; the group for the benchmark's own, and its
+    :func:`_adder`."""
+    p = argparse.ArgumentParser(
+        prog=f"benchmarks/{benchmark.lower()}.py",
+        description=f"{benchmark} on a LLaVA model with and without the VL-SAE guard (A/B).",
+    )
+    add_run_flags(p, config)
+    group = p.add_argument_group(benchmark)
+    return p, group, _adder(group, config)
+
+
+def pope_parser() -> argparse.ArgumentParser:
+    p, group, add = _parser("POPE", PopeRunConfig)
+    add(
+        "--dataset",
+        choices=list(pope.DATASETS),
+        help="coco: current files; coco_llava: the older files LLaVA-1.5's numbers "
+        "used; aokvqa; gqa",
+    )
+    add("--split", choices=[*pope.SPLITS, "all"])
+    add(
+        "--questions",
+        nargs="+",
+        metavar="FILE",
+        help="question files (JSON lines or array) instead of --dataset/--split",
+    )
+    add(
+        "--prompt",
+        choices=list(pope.PROMPTS),
+        help="llava: '{question}\\nAnswer the question using a single word or "
+        "phrase.'; vcd: '{question} Please answer this question with one word.'",
+    )
+    add(
+        "--strict",
+        action="store_true",
+        help="strict exact yes/no parser instead of LLaVA's (see docs)",
+    )
+    group.add_argument(
+        "--demo",
+        action="store_true",
+        help="build a tiny LLaVA, a VL-SAE, images and questions here and run the A/B "
+        "end to end (offline, CPU, about a minute)",
+    )
+    return p
+
+
+def chair_parser() -> argparse.ArgumentParser:
+    p, _, add = _parser("CHAIR", ChairRunConfig)
+    add(
+        "--split",
+        choices=CHAIR_SPLITS,
+        help="chair500: the 500 COCO val2014 images of the standard LLaVA protocol",
+    )
+    add(
+        "--image-ids",
+        type=Path,
+        metavar="FILE",
+        help="COCO image ids, one per line, instead of --split",
+    )
+    add("--prompt", help=f"default: {chair.PROMPT!r}")
+    add(
+        "--coco-annotations",
+        type=Path,
+        metavar="DIR",
+        help="build the ground truth from the COCO 2014 annotation files "
+        "(cached) instead of the shipped table",
+    )
+    return p
+
+
+def flag(field: str) -> str:
+    """The flag that sets ``field``."""
+    return "--sae" if field == "sae" else "--" + field.replace("_", "-")
+
+
+def build(config: type[BaseModel], args: argparse.Namespace, **values):
+    """``config`` from the flags that were given (and ``values``); an invalid combination is a
+    :class:`BenchmarkError` naming the flags."""
+    given = {DESTS.get(k, k): v for k, v in vars(args).items() if v is not None}
+    given = {k: v for k, v in given.items() if k in config.model_fields}
+    try:
+        return config(**{**given, **values})
+    except ValidationError as e:
+        raise BenchmarkError("; ".join(_problem(err) for err in e.errors())) from e
+
+
+def _problem(err: dict) -> str:
+    """A check across flags says it in its own words; one flag's problem names the flag."""
+    if err["type"] == "value_error":
+        return str(err["ctx"]["error"])
+    where = flag(str(err["loc"][0])) if err["loc"] else "flags"
+    if err["type"] == "missing":
+        return f"{where} is required"
+    return f"{where}: {err['msg']} (found {err['input']!r})"
+
+
+def pope_config(args: argparse.Namespace) -> PopeRunConfig:
+    return build(PopeRunConfig, args, guard=settings_from_args(args))
+
+
+def chair_config(args: argparse.Namespace) -> ChairRunConfig:
+    return build(ChairRunConfig, args, guard=settings_from_args(args))
+
+
+def demo_config(args: argparse.Namespace) -> DemoConfig:
+    """``pope_parser()``'s flags for ``--demo``: output, seed, batching and the guard settings;
+    model and data are the demo's own (``--sae``, ``--model`` and the like are not used)."""
+    return build(DemoConfig, args, guard=guard_config(args))
