@@ -211,3 +211,20 @@ def test_patched_loader_paper_mode(answers, data):
     assert fused != unfused
     assert paper == fused
     assert paper != plain
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_patched_script_refuses_bad_guard_flags_before_loading(patched_llava, data, script):
+    """Invalid --vlsae-* settings are argparse's usage error (exit 2, no traceback), raised
+    before the model loads: the model path here does not even exist."""
+    path = [str(patched_llava), *filter(None, [os.environ.get("PYTHONPATH")])]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(path)}
+    cmd = [
+        sys.executable, "-m", f"llava.eval.{script}", "--model-path", "no/such/model",
+        "--question-file", str(data.questions), "--vlsae-guard", str(data.sae),
+        "--vlsae-steer", "3=nan",
+    ]  # fmt: skip
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "--vlsae-steer: expected a JSON object" in done.stderr
+    assert "Traceback" not in done.stderr

@@ -103,6 +103,17 @@ def parse_steer(text: str, flag: str) -> dict[int, float]:
     return steer
 
 
+def check_guard_flags(
+    parser: argparse.ArgumentParser, args: argparse.Namespace, prefix: str = "vlsae-"
+) -> GuardConfig | None:
+    """For a script's ``main``: the settings, or argparse's own usage error (exit status 2, the
+    message naming the flags) before any model is loaded."""
+    try:
+        return settings_from_args(args, prefix)
+    except GuardFlagsError as e:
+        parser.error(str(e))
+
+
 def guard_from_args(model, args: argparse.Namespace, prefix: str = "vlsae-"):
     """Guard ``model`` as the flags say; returns the handle, or None when not guarding."""
     config = settings_from_args(args, prefix)
