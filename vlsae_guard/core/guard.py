@@ -2,33 +2,142 @@
 
 Everything is validated first (settings, model, SAE, widths); only then are hooks attached, so a
 failed call leaves the model untouched. The returned handle removes exactly what it added.
+
+Metadata cannot show that a checkpoint fits the site it is used at (an imported one records no
+site; the released VL-SAE was trained on mean-pooled layer-30 states), so the first guarded batch
+also measures the SAE's explained variance there (:class:`GuardFit`, ``handle.fit``).
 """
 
 from __future__ import annotations
 
 import copy
+import math
 import os
+import warnings
 import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
-from pydantic import ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError
 from torch import Tensor, nn
 
 from ..backends import Backend, Prompt, detect
+from ..pipeline.train import _Moments
 from .checkpoint import CheckpointError, check_module, load
 from .intervention import GuardConfig, ProjectorIntervention
 from .paper import FusionProcessor, PaperIntervention, PaperState
 from .sae import SparseAutoencoder
+from .sae_config import Modality
 
 # Models currently guarded, so a second guard() is refused instead of stacking hooks.
 _ACTIVE: weakref.WeakKeyDictionary[nn.Module, GuardHandle] = weakref.WeakKeyDictionary()
 
 
+# Explained variance of the vision vectors below which the first guarded batch warns (strict:
+# refuses). Measured on the CPU testbed (benchmarks/testbed.py, seed 0, batches of 1, 4 and 16
+# validation prompts): SAEs in place explain 0.70 to 0.79 (SAE settings trained 40 epochs) and
+# -0.15 to 0.29 (--fast, 2 epochs); misplaced ones -0.71 to -3.9 (the layer SAE read one layer
+# off), -2.7 to -4.3 (random weights), -4.1 to -6.3 (the layer SAE at the projector), -12 to
+# -15.5 (the projector SAE at the layer). The tests' 4-epoch projector SAE explains -0.41 of one
+# image's tokens. Text is recorded, not checked: a batch's questions differ by a word or two, so
+# their variance (the denominator) is small: paper mode in place explains -2.8 to -4.9 of them
+# (-5.1 to -11 with --fast).
+DEFAULT_MIN_FIT = -0.5
+
+
 class GuardError(RuntimeError):
     """The guard cannot be attached (or was misused); the model is unchanged."""
+
+
+class GuardFitWarning(UserWarning):
+    """The SAE may not suit the site in use (see :attr:`GuardFit.problem`)."""
+
+
+class GuardFit(BaseModel):
+    """The SAE's explained variance where it is used, from the first guarded batch.
+
+    Explained variance is the training code's: ``1 - sum|x - x_hat|^2 / sum|x - mean x|^2`` over
+    the vectors the SAE encodes, in its input space: the projector's image tokens (and, text-
+    grounded, the prompt's text embeddings); in paper mode the pooled image and text states of
+    each sample. ``None``: the mode does not encode that modality, or the batch held fewer than
+    two distinct vectors of it (one sample in paper mode): no variance to explain.
+
+    Sites are named as ``collect`` names them: ``layer:L`` is the input of decoder layer L, so
+    paper mode at ``layer=L`` reads ``layer:L+1`` with ``point="output"`` (the default).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    site: str  # where the guard reads: "projector" or "layer:L"
+    trained_site: str | None  # the checkpoint's source; None where it records none (imported)
+    trained_pooling: Literal["token", "mean"]
+    explained_variance_vision: float | None
+    explained_variance_text: float | None
+    vision_vectors: int  # tokens, or pooled samples in paper mode
+    text_vectors: int
+    min_fit: float
+
+    @property
+    def problem(self) -> str | None:
+        """Why the SAE may not suit this site: its checkpoint names another, or its vision fit
+        is below ``min_fit`` or could not be measured. None when neither."""
+        trained = f"trained at {self.trained_site or 'an unrecorded site'}"
+        if self.trained_pooling == "mean":
+            trained += " on mean-pooled states"
+        ev = self.explained_variance_vision
+        problems = []
+        if self.trained_site is not None and self.trained_site != self.site:
+            problems.append(f"the SAE reads {self.site} but was {trained}")
+            trained = ""  # said once
+        if ev is None:
+            problems.append(
+                f"its fit at {self.site} could not be measured on the first guarded batch (fewer "
+                "than two distinct vision vectors; paper mode pools each sample to one)"
+            )
+        elif ev < self.min_fit:
+            problems.append(
+                f"it explains {ev:.3f} of the variance of the vision vectors it reads at "
+                f"{self.site}, below min_fit={self.min_fit:g}"
+                + (f" ({trained})" if trained else "")
+                + ": trained for another site or model, or undertrained, it rewrites tokens it "
+                "cannot represent"
+            )
+        return "; ".join(problems) or None
+
+    def to_json(self) -> dict:
+        return self.model_dump(mode="json")
+
+
+def explained_variance(sae: SparseAutoencoder, x: Tensor, modality: Modality) -> float | None:
+    """Of ``sae`` on the rows of ``x`` (its input space); None without two distinct rows."""
+    x = x.reshape(-1, x.shape[-1]).to(sae.device, sae.dtype)
+    if not bool((x != x[:1]).any()):
+        return None
+    moments = _Moments(x.shape[-1], x.device)
+    moments.add(x, sae.decode(sae.encode_topk(x, modality), modality))
+    return moments.explained_variance()
+
+
+@torch.no_grad()
+def measure_fit(
+    sae: SparseAutoencoder, site: str, min_fit: float, vision: Tensor, text: Tensor | None = None
+) -> GuardFit:
+    """:class:`GuardFit` of ``sae`` on ``vision`` (and ``text``) rows read at ``site``."""
+    source = sae.config.source
+    trained = source.site if source.site != "layer" else f"layer:{source.layer}"
+    return GuardFit(
+        site=site,
+        trained_site=trained,
+        trained_pooling=source.pooling,
+        explained_variance_vision=explained_variance(sae, vision, "vision"),
+        explained_variance_text=None if text is None else explained_variance(sae, text, "text"),
+        vision_vectors=vision.numel() // vision.shape[-1],
+        text_vectors=0 if text is None else text.numel() // text.shape[-1],
+        min_fit=min_fit,
+    )
 
 
 @dataclass
@@ -50,6 +159,8 @@ class GuardHandle:
         model: nn.Module,
         backend: Backend,
         intervention: ProjectorIntervention | PaperIntervention,
+        min_fit: float = DEFAULT_MIN_FIT,
+        strict: bool = False,
     ):
         self.model = model
         self.backend = backend
@@ -59,9 +170,13 @@ class GuardHandle:
         )
         self.stats = GuardStats()
         self.enabled = True
+        self.min_fit = min_fit
+        self.strict = strict
+        self.fit: GuardFit | None = None  # filled by the first guarded batch
         self._undo: list = []
         self._prompt: Prompt | None = None
         self._text_masks: Tensor | None = None
+        self._fit_text: Tensor | None = None  # the first prompt's text tokens (text-grounded)
 
     @property
     def config(self) -> GuardConfig:
@@ -94,7 +209,7 @@ class GuardHandle:
         Paper mode doubles the batch (plain rows, then guarded rows) and fuses their logits
         each step, so both halves follow the same tokens; only the guarded half is returned.
         """
-        if self.paper is None or not self.enabled:
+        if self.paper is None or not self.enabled or not self.attached:
             return self.model.generate(*args, **kwargs)
         batch = _batch_size(args, kwargs)
         args = tuple(_double(a) for a in args)
@@ -118,7 +233,7 @@ class GuardHandle:
             self._undo.pop()()
         if _ACTIVE.get(self.model) is self:
             del _ACTIVE[self.model]
-        self._prompt = self._text_masks = None
+        self._prompt = self._text_masks = self._fit_text = None
         if self.paper is not None:
             self.paper.end()
 
@@ -150,10 +265,11 @@ class GuardHandle:
             return
         embeds = self.backend.embed(prompt.input_ids.clamp_min(0))
         keep = prompt.text_positions()
+        texts = [embeds[i][keep[i]] for i in range(len(embeds))]
         self._prompt = prompt
-        self._text_masks = self.intervention.text_concepts(
-            [embeds[i][keep[i]] for i in range(len(embeds))]
-        )
+        self._text_masks = self.intervention.text_concepts(texts)
+        if self.fit is None:
+            self._fit_text = torch.cat(texts)
 
     def _on_layout(self, image_mask: Tensor, attention_mask: Tensor | None) -> None:
         self.paper.begin(image_mask, attention_mask)
@@ -162,7 +278,7 @@ class GuardHandle:
         if not self.enabled or self.config.is_identity:
             return None
         hidden = output[0] if isinstance(output, tuple) else output
-        new = self._count(self.paper(hidden))
+        new = self._paper_step(self.paper(hidden))
         if new is None or not isinstance(output, tuple):
             return new
         return (new, *output[1:])
@@ -171,15 +287,40 @@ class GuardHandle:
         if not self.enabled or self.config.is_identity:
             return None
         if args:
-            new = self._count(self.paper(args[0]))
+            new = self._paper_step(self.paper(args[0]))
             return None if new is None else ((new, *args[1:]), kwargs)
-        new = self._count(self.paper(kwargs["hidden_states"]))
+        new = self._paper_step(self.paper(kwargs["hidden_states"]))
         return None if new is None else (args, {**kwargs, "hidden_states": new})
 
-    def _count(self, new: Tensor | None) -> Tensor | None:
-        if new is not None:
-            self.stats.calls += 1
+    def _paper_step(self, new: Tensor | None) -> Tensor | None:
+        """Count a shifted call; the first with an image measures the fit first."""
+        if new is None:
+            return None
+        batch = self.paper.batch
+        if self.fit is None and bool(batch.has_image.any()):
+            v_bar, t_bar = batch.pooled()
+            self._measure_fit(
+                f"layer:{self.config.layer + (self.config.point == 'output')}",
+                self.intervention.sae_inputs(v_bar, "vision"),
+                self.intervention.sae_inputs(t_bar, "text"),
+            )
+        self.stats.calls += 1
         return new
+
+    def _measure_fit(self, site: str, vision: Tensor, text: Tensor | None) -> None:
+        """Fill ``fit``; below ``min_fit``, warn, or (strict) detach and raise."""
+        self.fit = measure_fit(self.intervention.sae, site, self.min_fit, vision, text)
+        self._fit_text = None
+        problem = self.fit.problem
+        if problem is None:
+            return
+        if self.strict:
+            self.remove()
+            raise GuardError(
+                f"strict=True: {problem}. The guard was removed before it changed anything: this "
+                "call's outputs were not rewritten and the model now runs unguarded"
+            )
+        warnings.warn(problem, GuardFitWarning, stacklevel=2)
 
     def _on_projector(self, module: nn.Module, args, output: Tensor) -> Tensor | None:
         if not self.enabled or self.config.is_identity:
@@ -199,6 +340,8 @@ class GuardHandle:
             owners = owners.repeat_interleave(tokens)
             text_masks = self._text_masks
             self._prompt = self._text_masks = None
+        if self.fit is None:
+            self._measure_fit("projector", output, self._fit_text)
         self.stats.calls += 1
         self.stats.image_tokens += output.numel() // output.shape[-1]
         return self.intervention(output, owners, text_masks)
@@ -208,15 +351,26 @@ def guard(
     model: nn.Module,
     sae: SparseAutoencoder | str | os.PathLike,
     config: GuardConfig | None = None,
+    *,
+    min_fit: float = DEFAULT_MIN_FIT,
+    strict: bool = False,
     **settings,
 ) -> GuardHandle:
     """Attach ``sae`` to ``model``'s multimodal projector and return the handle.
 
     ``settings`` are :class:`GuardConfig` fields (``rewrite``, ``alpha``, ``text_grounded``,
     ``shared_concepts``, ``steer``); pass either them or a ``config``.
+
+    The first guarded batch measures ``handle.fit`` (:class:`GuardFit`). If the SAE's checkpoint
+    names another site, or its vision explained variance is below ``min_fit`` or could not be
+    measured, it warns (:class:`GuardFitWarning`); with ``strict=True`` it raises
+    :class:`GuardError` instead, before the hook changes anything: the handle is then removed (as
+    by ``remove()``, with ``fit`` kept), so the model and ``handle.generate`` run unguarded.
     """
     if config is not None and settings:
         raise GuardError("pass either config=GuardConfig(...) or keyword settings, not both")
+    if not math.isfinite(min_fit):
+        raise GuardError(f"min_fit must be a finite explained variance, got {min_fit}")
     try:
         config = config if config is not None else GuardConfig(**settings)
     except ValidationError as e:
@@ -246,7 +400,7 @@ def guard(
             intervention = ProjectorIntervention.build(sae, config)
     except ValueError as e:
         raise GuardError(str(e)) from e
-    handle = GuardHandle(model, backend, intervention)
+    handle = GuardHandle(model, backend, intervention, min_fit=min_fit, strict=strict)
     handle._attach()
     return handle
 
