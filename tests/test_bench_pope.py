@@ -256,3 +256,18 @@ def test_openai_backend_without_a_server_is_one_clear_error(inputs, tmp_path, ca
         "--backend openai needs the openai package" in err
     )
     assert not (tmp_path / "answers").exists()  # nothing written
+
+
+def test_results_record_the_guards_placement_check(inputs, tiny_hf_dir, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    results = run(inputs, tiny_hf_dir, out, *guarded(inputs))
+    fit = results["settings"]["guard_fit"]
+    assert fit["site"] == "projector" and fit["vision_vectors"] > 0
+    assert isinstance(fit["explained_variance_vision"], float)
+    # The random SAE explains little: the results say so, as the guard warned.
+    assert any(w.startswith("guard placement:") for w in results["warnings"])
+    monkeypatch.setattr(generation, "load", lambda *a, **k: pytest.fail("model loaded"))
+    assert run(inputs, tiny_hf_dir, out, *guarded(inputs))["settings"]["guard_fit"] == fit
+    monkeypatch.undo()
+    plain = run(inputs, tiny_hf_dir, tmp_path / "plain")
+    assert plain["settings"]["guard_fit"] is None

@@ -3,6 +3,7 @@
 from .backends import UnsupportedModelError
 from .concepts.monosemanticity import monosemanticity_score
 from .core.checkpoint import CheckpointError, import_official
+from .core.fit import GuardFit, GuardFitWarning
 from .core.guard import GuardError, GuardHandle, guard
 from .core.intervention import GuardConfig
 from .core.sae import SAED, SAEV, VLSAE, AuxiliaryAE, Codes, SparseAutoencoder, build
@@ -17,6 +18,8 @@ __all__ = [
     "CheckpointError",
     "GuardConfig",
     "GuardError",
+    "GuardFit",
+    "GuardFitWarning",
     "GuardHandle",
     "UnsupportedModelError",
     "Codes",

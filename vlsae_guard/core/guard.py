@@ -2,12 +2,18 @@
 
 Everything is validated first (settings, model, SAE, widths); only then are hooks attached, so a
 failed call leaves the model untouched. The returned handle removes exactly what it added.
+
+Metadata cannot show that a checkpoint fits the site it is used at (an imported one records no
+site; the released VL-SAE was trained on mean-pooled layer-30 states), so the first guarded batch
+also measures the SAE's explained variance there (:class:`GuardFit`, ``handle.fit``).
 """
 
 from __future__ import annotations
 
 import copy
+import math
 import os
+import warnings
 import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -19,6 +25,7 @@ from torch import Tensor, nn
 
 from ..backends import Backend, Prompt, detect
 from .checkpoint import CheckpointError, check_compatible, check_module, load
+from .fit import DEFAULT_MIN_FIT, GuardFit, GuardFitWarning, measure_fit
 from .intervention import GuardConfig, ProjectorIntervention
 from .paper import FusionProcessor, PaperIntervention, PaperState
 from .sae import SparseAutoencoder
@@ -50,6 +57,8 @@ class GuardHandle:
         model: nn.Module,
         backend: Backend,
         intervention: ProjectorIntervention | PaperIntervention,
+        min_fit: float = DEFAULT_MIN_FIT,
+        strict: bool = False,
     ):
         self.model = model
         self.backend = backend
@@ -59,9 +68,13 @@ class GuardHandle:
         )
         self.stats = GuardStats()
         self.enabled = True
+        self.min_fit = min_fit
+        self.strict = strict
+        self.fit: GuardFit | None = None  # filled by the first guarded batch
         self._undo: list = []
         self._prompt: Prompt | None = None
         self._text_masks: Tensor | None = None
+        self._fit_text: Tensor | None = None  # the first prompt's text tokens (text-grounded)
 
     @property
     def config(self) -> GuardConfig:
@@ -94,7 +107,7 @@ class GuardHandle:
         Paper mode doubles the batch (plain rows, then guarded rows) and fuses their logits
         each step, so both halves follow the same tokens; only the guarded half is returned.
         """
-        if self.paper is None or not self.enabled:
+        if self.paper is None or not self.enabled or not self.attached:
             return self.model.generate(*args, **kwargs)
         batch = _batch_size(args, kwargs)
         args = tuple(_double(a) for a in args)
@@ -118,7 +131,7 @@ class GuardHandle:
             self._undo.pop()()
         if _ACTIVE.get(self.model) is self:
             del _ACTIVE[self.model]
-        self._prompt = self._text_masks = None
+        self._prompt = self._text_masks = self._fit_text = None
         if self.paper is not None:
             self.paper.end()
 
@@ -150,10 +163,11 @@ class GuardHandle:
             return
         embeds = self.backend.embed(prompt.input_ids.clamp_min(0))
         keep = prompt.text_positions()
+        texts = [embeds[i][keep[i]] for i in range(len(embeds))]
         self._prompt = prompt
-        self._text_masks = self.intervention.text_concepts(
-            [embeds[i][keep[i]] for i in range(len(embeds))]
-        )
+        self._text_masks = self.intervention.text_concepts(texts)
+        if self.fit is None:
+            self._fit_text = torch.cat(texts)
 
     def _on_layout(self, image_mask: Tensor, attention_mask: Tensor | None) -> None:
         self.paper.begin(image_mask, attention_mask)
@@ -162,7 +176,7 @@ class GuardHandle:
         if not self.enabled or self.config.is_identity:
             return None
         hidden = output[0] if isinstance(output, tuple) else output
-        new = self._count(self.paper(hidden))
+        new = self._paper_step(self.paper(hidden))
         if new is None or not isinstance(output, tuple):
             return new
         return (new, *output[1:])
@@ -171,15 +185,40 @@ class GuardHandle:
         if not self.enabled or self.config.is_identity:
             return None
         if args:
-            new = self._count(self.paper(args[0]))
+            new = self._paper_step(self.paper(args[0]))
             return None if new is None else ((new, *args[1:]), kwargs)
-        new = self._count(self.paper(kwargs["hidden_states"]))
+        new = self._paper_step(self.paper(kwargs["hidden_states"]))
         return None if new is None else (args, {**kwargs, "hidden_states": new})
 
-    def _count(self, new: Tensor | None) -> Tensor | None:
-        if new is not None:
-            self.stats.calls += 1
+    def _paper_step(self, new: Tensor | None) -> Tensor | None:
+        """Count a shifted call; the first with an image measures the fit first."""
+        if new is None:
+            return None
+        batch = self.paper.batch
+        if self.fit is None and bool(batch.has_image.any()):
+            v_bar, t_bar = batch.pooled()
+            self._measure_fit(
+                f"layer:{self.config.layer + (self.config.point == 'output')}",
+                self.intervention.sae_inputs(v_bar, "vision"),
+                self.intervention.sae_inputs(t_bar, "text"),
+            )
+        self.stats.calls += 1
         return new
+
+    def _measure_fit(self, site: str, vision: Tensor, text: Tensor | None) -> None:
+        """Fill ``fit``; below ``min_fit``, warn, or (strict) detach and raise."""
+        self.fit = measure_fit(self.intervention.sae, site, self.min_fit, vision, text)
+        self._fit_text = None
+        problem = self.fit.problem
+        if problem is None:
+            return
+        if self.strict:
+            self.remove()
+            raise GuardError(
+                f"strict=True: {problem}. The guard was removed before it changed anything: this "
+                "call's outputs were not rewritten and the model now runs unguarded"
+            )
+        warnings.warn(problem, GuardFitWarning, stacklevel=2)
 
     def _on_projector(self, module: nn.Module, args, output: Tensor) -> Tensor | None:
         if not self.enabled or self.config.is_identity:
@@ -199,6 +238,8 @@ class GuardHandle:
             owners = owners.repeat_interleave(tokens)
             text_masks = self._text_masks
             self._prompt = self._text_masks = None
+        if self.fit is None:
+            self._measure_fit("projector", output, self._fit_text)
         self.stats.calls += 1
         self.stats.image_tokens += output.numel() // output.shape[-1]
         return self.intervention(output, owners, text_masks)
@@ -208,15 +249,26 @@ def guard(
     model: nn.Module,
     sae: SparseAutoencoder | str | os.PathLike,
     config: GuardConfig | None = None,
+    *,
+    min_fit: float = DEFAULT_MIN_FIT,
+    strict: bool = False,
     **settings,
 ) -> GuardHandle:
     """Attach ``sae`` to ``model``'s multimodal projector and return the handle.
 
     ``settings`` are :class:`GuardConfig` fields (``rewrite``, ``alpha``, ``text_grounded``,
     ``shared_concepts``, ``steer``); pass either them or a ``config``.
+
+    The first guarded batch measures ``handle.fit`` (:class:`GuardFit`). If the SAE's checkpoint
+    names another site, or its vision explained variance is below ``min_fit`` or could not be
+    measured, it warns (:class:`GuardFitWarning`); with ``strict=True`` it raises
+    :class:`GuardError` instead, before the hook changes anything: the handle is then removed (as
+    by ``remove()``, with ``fit`` kept), so the model and ``handle.generate`` run unguarded.
     """
     if config is not None and settings:
         raise GuardError("pass either config=GuardConfig(...) or keyword settings, not both")
+    if not math.isfinite(min_fit):
+        raise GuardError(f"min_fit must be a finite explained variance, got {min_fit}")
     try:
         config = config if config is not None else GuardConfig(**settings)
     except ValidationError as e:
@@ -246,7 +298,7 @@ def guard(
             intervention = ProjectorIntervention.build(sae, config)
     except ValueError as e:
         raise GuardError(str(e)) from e
-    handle = GuardHandle(model, backend, intervention)
+    handle = GuardHandle(model, backend, intervention, min_fit=min_fit, strict=strict)
     handle._attach()
     return handle
 

@@ -23,6 +23,7 @@ from torch import Tensor
 
 from .intervention import GuardConfig
 from .sae import SparseAutoencoder
+from .sae_config import Modality
 
 
 class PaperIntervention:
@@ -33,13 +34,17 @@ class PaperIntervention:
         self.config = config
 
     @torch.no_grad()
+    def sae_inputs(self, pooled: Tensor, modality: Modality) -> Tensor:
+        """Pooled layer states as the SAE reads them: through the auxiliary AE, if any."""
+        x = pooled.to(self.sae.device, self.sae.dtype)
+        return self.sae.aux.project(x, modality) if self.sae.aux else x
+
+    @torch.no_grad()
     def text_shift(self, v_bar: Tensor, t_bar: Tensor) -> Tensor:
         """``t_new - t_bar`` for pooled (samples, d) vectors, in the SAE's dtype."""
         cfg, sae, aux = self.config, self.sae, self.sae.aux
-        v = v_bar.to(sae.device, sae.dtype)
         t = t_bar.to(sae.device, sae.dtype)
-        v_e = aux.project(v, "vision") if aux else v
-        t_e = aux.project(t, "text") if aux else t
+        v_e, t_e = self.sae_inputs(v_bar, "vision"), self.sae_inputs(t_bar, "text")
         z_v, z_t = sae.encode(v_e, "vision"), sae.encode(t_e, "text")
         z = torch.lerp(z_t, z_v, cfg.beta)
         t_rec = sae.decode(z, "text")
@@ -62,6 +67,14 @@ class _Batch:
     @property
     def has_image(self) -> Tensor:
         return self.image_mask.any(-1)
+
+    @property
+    def t_bar(self) -> Tensor:
+        return self.sums / self.counts.clamp_min(1)[:, None]
+
+    def pooled(self) -> tuple[Tensor, Tensor]:
+        """``(v_bar, t_bar)`` of the samples with an image: what the SAE encodes."""
+        return self.v_bar[self.has_image], self.t_bar[self.has_image]
 
     def extended(self, length: int) -> tuple[Tensor, Tensor]:
         """Masks for a re-run of the full sequence: generated tokens are text after the image."""
@@ -116,8 +129,7 @@ class PaperState:
             batch.v_bar = (h * image).sum(1) / image.sum(1).clamp_min(1)
             batch.sums = (h * text).sum(1)
             batch.counts = text.sum(1)[:, 0]
-        t_bar = batch.sums / batch.counts.clamp_min(1)[:, None]
-        shift = self.intervention.text_shift(batch.v_bar, t_bar).to(h.device)
+        shift = self.intervention.text_shift(batch.v_bar, batch.t_bar).to(h.device)
         shift = shift * batch.has_image[:, None]
         out = hidden.clone()
         out[batch.guarded_rows] += (where[..., None] * shift[:, None, :]).to(hidden.dtype)

@@ -76,6 +76,7 @@ def run(config: ChairRunConfig, progress: bool = True) -> dict:
         "captions",
         "an empty caption mentions no object, so it lowers CHAIR without describing the image",
     )
+    results["warnings"] += common.fit_warnings(common.recorded_fit(config.out))
     if len(arms) == 2:
         results["comparison"] = chair.compare(
             scores["off"], scores["on"], config.bootstrap, config.seed

@@ -26,6 +26,7 @@ from tqdm import tqdm
 from .. import outputs, provenance
 from ..backends import UnsupportedModelError, checkpoint_family, read_model_config
 from ..cli.guard_flags import GuardFlagsError
+from ..core.fit import GuardFit
 from ..core.intervention import GuardConfig
 from ..scoring import report
 from ..scoring.files import DataError
@@ -235,8 +236,28 @@ def generate(
         for arm in ARMS:
             for job in (j for j in todo if j.arm == arm):
                 _answer(generator, job, run, setup_, output_field, progress)
+        if generator.fit is not None:  # kept for the results of this and of resumed runs
+            outputs.write_text(run.out / FIT_FILE, json.dumps(generator.fit, indent=2) + "\n")
     finally:
         generator.close()
+
+
+FIT_FILE = "guard_fit.json"
+
+
+def recorded_fit(out: Path) -> dict | None:
+    """The guard's placement check (explained variance at its site) measured by this run or the
+    run it resumed; None if no guarded batch ran in this process (served backends log it)."""
+    path = out / FIT_FILE
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def fit_warnings(fit: dict | None) -> list[str]:
+    """The placement check's problem, as a results warning."""
+    if fit is None:
+        return []
+    problem = GuardFit(**fit).problem
+    return [] if problem is None else [f"guard placement: {problem}"]
 
 
 def _answer(generator, job: Job, run: RunConfig, setup_: Setup, field: str, progress: bool):
@@ -281,6 +302,7 @@ def settings_record(run: RunConfig, setup_: Setup, extra: dict) -> dict:
         "sae": run.sae,
         "sae_sha256": setup_.sae_sha256,
         "guard": setup_.guard,
+        "guard_fit": recorded_fit(run.out),
         "decoding": setup_.decoding.describe(),
         "seed": run.seed,
         "batch_size": run.batch_size,

@@ -70,6 +70,12 @@ class Generator:
     def close(self) -> None:
         """Release what loading took (the guard's hooks, an engine's processes)."""
 
+    @property
+    def fit(self) -> dict | None:
+        """The guard's placement check (``GuardFit``) once a guarded batch ran in this process;
+        None for served backends (the server logs it) and before."""
+        return None
+
 
 class LocalGenerator(Generator):
     """A model in this process, loaded by its family; the guard is attached once and disabled
@@ -102,6 +108,11 @@ class LocalGenerator(Generator):
         if self.handle is not None:
             self.handle.remove()
             self.handle = None
+
+    @property
+    def fit(self) -> dict | None:
+        measured = None if self.handle is None else self.handle.fit
+        return None if measured is None else measured.to_json()
 
     def generate(
         self, images: Sequence[Image.Image], prompts: Sequence[str], decoding: Decoding, runner=None

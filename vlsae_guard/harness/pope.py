@@ -101,6 +101,7 @@ def score(config: PopeRunConfig, setup, sets, jobs, arms, seconds: float) -> dic
     results["mean_f1"] = mean
     empty = {f"{name}, guard {arm}": splits[name][arm]["empty"] for name in splits for arm in arms}
     results["warnings"] = common.empty_warnings(empty, "answers", pope.EMPTY_MEANS[strict])
+    results["warnings"] += common.fit_warnings(common.recorded_fit(config.out))
     results["settings"] = common.settings_record(
         config,
         setup,

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from collections.abc import Mapping
 
@@ -41,6 +42,7 @@ from vllm.multimodal import MULTIMODAL_REGISTRY
 from vllm.multimodal.inputs import MultiModalFieldConfig
 
 from ..core.checkpoint import check_compatible, load
+from ..core.fit import DEFAULT_MIN_FIT, measure_fit
 from ..core.guard import GuardStats
 from ..core.intervention import ProjectorIntervention
 from . import routing
@@ -159,6 +161,15 @@ class _GuardedModel:
         else:
             mask = routing.token_mask(flags, crops, output.shape)
         skip = intervention.config.is_identity
+        if not skip and flags is not None and bool(mask.any()) and not hasattr(self, "vlsae_fit"):
+            # Once per process, on the first request's guarded rows (not a dummy batch).
+            flat = output.reshape(-1, output.shape[-1])[mask.to(output.device)]
+            self.vlsae_fit = fit = measure_fit(intervention.sae, "projector", DEFAULT_MIN_FIT, flat)
+            logger = logging.getLogger(__name__)
+            if fit.problem is None:
+                logger.info("vlsae-guard fit: %s", json.dumps(fit.to_json()))
+            else:
+                logger.warning("vlsae-guard: %s", fit.problem)
         new = None if skip else routing.guard_rows(intervention, output, mask)
         guarded = 0 if new is None else int(mask.sum())
         self.vlsae_stats.calls += 1

@@ -12,31 +12,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ...core.fit import Moments
 from ...core.sae import SparseAutoencoder
 from .objectives import AlignObjective
 from .streams import Streams, pair_means
-
-
-class _Moments:
-    """Sums that give explained variance after an all-reduce: n, sum x, sum |x|^2, SSE."""
-
-    def __init__(self, d: int, device: torch.device):
-        self.sums = torch.zeros(d + 3, dtype=torch.float64, device=device)
-
-    def add(self, x: Tensor, recon: Tensor) -> None:
-        x64 = x.double()
-        self.sums[0] += len(x)
-        self.sums[1] += x64.pow(2).sum()
-        self.sums[2] += (x64 - recon.double()).pow(2).sum()
-        self.sums[3:] += x64.sum(0)
-
-    def explained_variance(self) -> float:
-        n, sq, sse, total = self.sums[0], self.sums[1], self.sums[2], self.sums[3:]
-        variance = sq - total.pow(2).sum() / n.clamp_min(1)
-        return float(1 - sse / variance.clamp_min(1e-30))
-
-    def mse(self, d: int) -> float:
-        return float(self.sums[2] / (self.sums[0].clamp_min(1) * d))
 
 
 def overlap(a: Tensor, b: Tensor, chunk: int = 256) -> Tensor:
@@ -77,7 +56,7 @@ def validate_sae(sae: SparseAutoencoder, streams: Streams, autocast: Any) -> dic
     """Stage 2: reconstruction error, explained variance and L0 per modality on the validation
     rows, and the cross-modal overlap of each pair's top-k concepts."""
     d, device = sae.config.d_in, streams.device
-    moments = {m: _Moments(d, device) for m in ("vision", "text")}
+    moments = {m: Moments(d, device) for m in ("vision", "text")}
     extra = torch.zeros(4, dtype=torch.float64, device=device)  # l0 v, l0 t, overlap, n
     was_training = sae.training
     sae.eval()
