@@ -1,4 +1,5 @@
-"""Shared fixtures: tiny random-weight LLaVA checkpoints in the real on-disk layouts.
+"""Shared fixtures: tiny random-weight LLaVA checkpoints in the real on-disk layouts, a VL-SAE
+for them, the README's code blocks and what the vLLM tests share.
 
 Built once per session (a few seconds, offline) by :mod:`vlsae_guard.lab.tiny`. The loaded models
 are session-scoped too: tests that hook or steer them must undo it before returning.
@@ -6,10 +7,32 @@ are session-scoped too: tests that hook or steer them must undo it before return
 
 from __future__ import annotations
 
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
 import pytest
 import torch
 
+from vlsae_guard import VLSAE, SAEConfig, guard
 from vlsae_guard.lab import tiny
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def pytest_collection_modifyitems(config, items):
+    """Leave out tests marked ``slow`` unless ``-m`` names them or tests are picked by node id.
+
+    So the fast suite stays fast whatever else ``-m`` selects (``-m "not vllm"``);
+    scripts/test.sh runs ``-m "slow and not vllm"`` after it.
+    """
+    if "slow" in (config.option.markexpr or "") or any("::" in a for a in config.args):
+        return
+    slow = [item for item in items if item.get_closest_marker("slow")]
+    if slow:
+        config.hook.pytest_deselected(items=slow)
+        items[:] = [item for item in items if not item.get_closest_marker("slow")]
 
 
 @pytest.fixture(scope="session")
@@ -75,3 +98,130 @@ def llava_model_and_tokenizer(tiny_llava_dir):
     model = LlavaLlamaForCausalLM.from_pretrained(tiny_llava_dir, dtype=torch.float32).eval()
     model.get_vision_tower().load_model()
     return model, AutoTokenizer.from_pretrained(tiny_llava_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_sae_dir(tmp_path_factory) -> Path:
+    """A random VL-SAE checkpoint for the tiny models (width 64), every third concept shared."""
+    config = SAEConfig(
+        d_in=tiny.TinySizes().text_hidden,
+        n_concepts=256,
+        k=16,
+        shared_concepts=list(range(0, 256, 3)),
+        source={"site": "projector"},
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        sae = VLSAE(config).eval()
+    directory = tmp_path_factory.mktemp("tiny-sae")
+    sae.save_pretrained(directory)
+    return directory
+
+
+# --- README.md's code blocks ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Snippet:
+    """A fenced block of README.md: language, the ``<!-- test: TAG -->`` line before it, if any."""
+
+    lang: str
+    tag: str | None
+    code: str
+    line: int
+
+    def with_values(self, **values) -> str:
+        """The code with its ``NAME = "..."`` line set to each value (the line must be there)."""
+        code = self.code
+        for name, value in values.items():
+            code, n = re.subn(rf'^{name} = "[^"]*"', f"{name} = {str(value)!r}", code, flags=re.M)
+            if n != 1:
+                raise AssertionError(
+                    f'README.md:{self.line}: expected one line `{name} = "..."`, found {n}'
+                )
+        return code
+
+
+_FENCE = re.compile(r"^(?:<!-- test: (\w+) -->\n)?```(\w*)\n(.*?)^```$", re.S | re.M)
+
+
+@pytest.fixture(scope="session")
+def readme_snippets() -> list[Snippet]:
+    text = README.read_text()
+    return [
+        Snippet(m[2], m[1], m[3], text.count("\n", 0, m.start()) + 1) for m in _FENCE.finditer(text)
+    ]
+
+
+# --- the vLLM tests (tests/test_vllm_*.py, which skip without vllm) ---------------------------
+
+
+@dataclass(frozen=True)
+class VLLMCase:
+    """Settings, engine arguments and reference answers that the vLLM tests share.
+
+    The references come from the transformers backend with :func:`vlsae_guard.guard` (fp32,
+    greedy, one request at a time), so every vLLM answer is checked against the implementation
+    the rest of the suite already trusts.
+    """
+
+    sae_dir: Path
+    alpha: float = 0.8
+    steps: int = 8
+    tokens_per_image: int = tiny.TinySizes().image_seq_length  # 49
+    question: str = "Is there a dog in the image?"
+    template: str = "USER: <image>\n{question} ASSISTANT:"  # the tiny chat template's rendering
+    # Small, eager (no compile) and a fixed KV cache: quick to start on a 2-core CPU.
+    engine: dict = field(
+        default_factory=lambda: dict(
+            dtype="float32",
+            max_model_len=512,
+            seed=0,
+            enforce_eager=True,
+            kv_cache_memory_bytes=256 << 20,
+            limit_mm_per_prompt={"image": 1},
+        )
+    )
+
+    @property
+    def prompt(self) -> str:
+        return self.template.format(question=self.question)
+
+    def hf_reference(self, model_dir, images) -> dict[bool, list[tuple[int, ...]]]:
+        """Greedy token ids per image with the guard off (False) and on (True), one at a time."""
+        from transformers import AutoModelForImageTextToText, AutoProcessor
+
+        model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.float32).eval()
+        processor = AutoProcessor.from_pretrained(model_dir)
+        out: dict[bool, list[tuple[int, ...]]] = {}
+        for on in (False, True):
+            handle = guard(model, self.sae_dir, alpha=self.alpha) if on else None
+            try:
+                answers = []
+                for image in images:
+                    inputs = processor(images=[image], text=[self.prompt], return_tensors="pt")
+                    with torch.no_grad():
+                        ids = model.generate(**inputs, max_new_tokens=self.steps, do_sample=False)
+                    answers.append(tuple(ids[0, inputs["input_ids"].shape[1] :].tolist()))
+                out[on] = answers
+            finally:
+                if handle is not None:
+                    handle.remove()
+        return out
+
+    @staticmethod
+    def read_log(path: Path) -> list[dict]:
+        """The plugin's per-projector-call records (``VLSAE_GUARD_LOG``)."""
+        if not path.exists():
+            return []
+        return [json.loads(line) for line in path.read_text().splitlines() if line]
+
+    @staticmethod
+    def differs(reference: dict[bool, list]) -> int:
+        """How many images the guard changes the answer of (a test is only as good as this)."""
+        return sum(a != b for a, b in zip(reference[False], reference[True], strict=True))
+
+
+@pytest.fixture(scope="session")
+def vllm_case(tiny_sae_dir) -> VLLMCase:
+    return VLLMCase(tiny_sae_dir)

@@ -140,6 +140,7 @@ def _check(lines: list[dict], guard: GuardConfig | None, sae: Path | None) -> li
     return [line["text"] for line in lines]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_patched_script_with_and_without_guard(answers, data, script):
     plain = _check(answers(script, "plain"), None, None)
@@ -201,6 +202,7 @@ def _reference(data: Data, **settings) -> tuple[list[str], list[str]]:
     return fused, unfused
 
 
+@pytest.mark.slow
 def test_patched_loader_paper_mode(answers, data):
     """Paper mode must go through ``handle.generate``: its logit fusion is the method."""
     plain = _check(answers("model_vqa_loader", "plain"), None, None)

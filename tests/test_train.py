@@ -269,6 +269,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_match_one(
     small_store, tmp_path, monkeypatch, tiny_hf_dir, hf_model_and_processor, caption_pairs
 ):

@@ -12,12 +12,8 @@ pytestmark = pytest.mark.vllm
 pytest.importorskip("vllm")
 
 from _pope import run, texts, write_inputs  # noqa: E402
-from _vllm import ALPHA, ENGINE, save_sae  # noqa: E402
 
 from vlsae_guard.harness import pope  # noqa: E402
-
-# What the runner sets itself (--dtype, --seed) is refused in --engine-args.
-ENGINE_ARGS = {k: v for k, v in ENGINE.items() if k not in ("dtype", "seed")}
 
 
 @pytest.fixture
@@ -30,13 +26,15 @@ def environment():
 
 
 def test_vllm_backend_answers_both_arms_as_the_hf_backend(
-    tiny_hf_dir, tiny_images, tmp_path, environment
+    tiny_hf_dir, tiny_images, tmp_path, environment, vllm_case
 ):
+    # What the runner sets itself (--dtype, --seed) is refused in --engine-args.
+    engine_args = {k: v for k, v in vllm_case.engine.items() if k not in ("dtype", "seed")}
     inputs = write_inputs(tmp_path / "inputs", tiny_images, n_questions=12)
-    guard = ["--sae", str(save_sae(tmp_path / "sae")), "--ab", "--vlsae-alpha", str(ALPHA)]
+    guard = ["--sae", str(vllm_case.sae_dir), "--ab", "--vlsae-alpha", str(vllm_case.alpha)]
     steps = ["--max-new-tokens", "8"]
     hf = run(inputs, tiny_hf_dir, tmp_path / "hf", *guard, *steps, "--batch-size", "1")
-    engine = ["--engine-args", json.dumps(ENGINE_ARGS), "--batch-size", "5"]
+    engine = ["--engine-args", json.dumps(engine_args), "--batch-size", "5"]
     out = tmp_path / "vllm"
     results = run(inputs, tiny_hf_dir, out, *guard, *steps, *engine, backend="vllm", device=None)
 
@@ -46,9 +44,9 @@ def test_vllm_backend_answers_both_arms_as_the_hf_backend(
         assert texts(out, arm) == reference[arm], arm
         assert results["splits"]["questions"][arm] == hf["splits"]["questions"][arm]
     settings = results["settings"]
-    assert settings["backend"] == "vllm" and settings["engine_args"] == ENGINE_ARGS
+    assert settings["backend"] == "vllm" and settings["engine_args"] == engine_args
     assert settings["sae_sha256"] == hf["settings"]["sae_sha256"]
     sidecar = json.loads((out / "answers" / "guard-on" / "questions.settings.json").read_text())
-    assert sidecar["engine_args"] == ENGINE_ARGS and sidecar["guard"]["alpha"] == ALPHA
+    assert sidecar["engine_args"] == engine_args and sidecar["guard"]["alpha"] == vllm_case.alpha
     pope.finish(results, out, "POPE on vLLM")  # the plot's dependencies are in this environment
     assert (out / "results.png").stat().st_size > 0

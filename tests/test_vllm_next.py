@@ -11,19 +11,6 @@ from vlsae_guard.lab import tiny
 pytestmark = pytest.mark.vllm
 vllm = pytest.importorskip("vllm")
 
-from _vllm import (  # noqa: E402
-    ALPHA,
-    ENGINE,
-    PROMPT,
-    QUESTION,
-    STEPS,
-    TOKENS_PER_IMAGE,
-    differs,
-    hf_reference,
-    read_log,
-    save_sae,
-)
-
 from vlsae_guard.serving.client import generate_offline, load_llm  # noqa: E402
 from vlsae_guard.serving.settings import ServeSettings  # noqa: E402
 
@@ -37,31 +24,30 @@ FLAGS = [True, False, True, False, False]
 
 
 @pytest.fixture(scope="module")
-def setup(tiny_next_dir, tmp_path_factory):
+def setup(tiny_next_dir, tmp_path_factory, vllm_case):
     saved = dict(os.environ)
-    sae_dir = save_sae(tmp_path_factory.mktemp("vllm-next-sae"))
     log = tmp_path_factory.mktemp("vllm-next-log") / "guard.jsonl"
-    reference = hf_reference(tiny_next_dir, IMAGES, QUESTION, sae_dir)
-    settings = ServeSettings(sae=str(sae_dir), guard={"alpha": ALPHA}, log=log)
-    llm = load_llm(str(tiny_next_dir), settings, **{**ENGINE, "max_model_len": 1024})
+    reference = vllm_case.hf_reference(tiny_next_dir, IMAGES)
+    settings = ServeSettings(sae=str(vllm_case.sae_dir), guard={"alpha": vllm_case.alpha}, log=log)
+    llm = load_llm(str(tiny_next_dir), settings, **{**vllm_case.engine, "max_model_len": 1024})
     yield llm, reference, log
     llm.llm_engine.engine_core.shutdown()
     os.environ.clear()
     os.environ.update(saved)
 
 
-def ask(llm, guard):
-    prompts = [PROMPT.format(question=QUESTION)] * len(IMAGES)
-    return [
-        a.token_ids for a in generate_offline(llm, IMAGES, prompts, guard=guard, max_tokens=STEPS)
-    ]
+def ask(llm, guard, case):
+    prompts = [case.prompt] * len(IMAGES)
+    answers = generate_offline(llm, IMAGES, prompts, guard=guard, max_tokens=case.steps)
+    return [a.token_ids for a in answers]
 
 
-def test_mixed_crops_and_switches_equal_the_hf_guard(setup):
+def test_mixed_crops_and_switches_equal_the_hf_guard(setup, vllm_case):
     llm, reference, log = setup
-    assert differs(reference) >= 3
-    assert ask(llm, FLAGS) == [reference[on][i] for i, on in enumerate(FLAGS)]
-    records = read_log(log)
+    tokens_per_image = vllm_case.tokens_per_image
+    assert vllm_case.differs(reference) >= 3
+    assert ask(llm, FLAGS, vllm_case) == [reference[on][i] for i, on in enumerate(FLAGS)]
+    records = vllm_case.read_log(log)
     assert [f for r in records for f in r["flags"]] == FLAGS  # every image, in order, once
     crops = crops_per_image(llm)
     assert len(set(crops)) > 1  # images with different numbers of crops
@@ -70,8 +56,8 @@ def test_mixed_crops_and_switches_equal_the_hf_guard(setup):
         for start, r in zip(_starts(records), records, strict=True)
     ]
     for r in records:
-        assert r["tokens"] == r["crops"] * TOKENS_PER_IMAGE
-    assert sum(r["guarded_tokens"] for r in records) == TOKENS_PER_IMAGE * sum(
+        assert r["tokens"] == r["crops"] * tokens_per_image
+    assert sum(r["guarded_tokens"] for r in records) == tokens_per_image * sum(
         c for c, on in zip(crops, FLAGS, strict=True) if on
     )
     mixed = [r for r in records if 0 < sum(r["flags"]) < len(r["flags"])]
@@ -98,7 +84,7 @@ def _starts(records: list[dict]) -> list[int]:
     return starts
 
 
-def test_uniform_switches_equal_the_hf_guard(setup):
+def test_uniform_switches_equal_the_hf_guard(setup, vllm_case):
     llm, reference, _ = setup
-    assert ask(llm, True) == reference[True]
-    assert ask(llm, False) == reference[False]
+    assert ask(llm, True, vllm_case) == reference[True]
+    assert ask(llm, False, vllm_case) == reference[False]

@@ -16,19 +16,6 @@ from vlsae_guard.lab import tiny
 pytestmark = pytest.mark.vllm
 vllm = pytest.importorskip("vllm")
 
-from _vllm import (  # noqa: E402
-    ALPHA,
-    ENGINE,
-    PROMPT,
-    QUESTION,
-    STEPS,
-    TOKENS_PER_IMAGE,
-    differs,
-    hf_reference,
-    read_log,
-    save_sae,
-)
-
 from vlsae_guard.serving.client import generate_offline, load_llm  # noqa: E402
 from vlsae_guard.serving.settings import PREFIX, REQUEST_KEY, ServeSettings  # noqa: E402
 
@@ -48,11 +35,6 @@ def restore_environment():
 
 
 @pytest.fixture(scope="module")
-def sae_dir(tmp_path_factory):
-    return save_sae(tmp_path_factory.mktemp("vllm-sae"))
-
-
-@pytest.fixture(scope="module")
 def log_path(tmp_path_factory):
     return tmp_path_factory.mktemp("vllm-log") / "guard.jsonl"
 
@@ -62,13 +44,13 @@ def _shutdown(llm) -> None:
 
 
 @pytest.fixture(scope="module")
-def plain_llm(tiny_hf_dir):
+def plain_llm(tiny_hf_dir, vllm_case):
     """vLLM as it is: the checkpoint's own architecture, no plugin in the engine processes."""
     for key in [k for k in os.environ if k.startswith(PREFIX)]:
         del os.environ[key]
     os.environ["VLLM_PLUGINS"] = ""  # an allowlist that matches no plugin
     try:
-        llm = vllm.LLM(model=str(tiny_hf_dir), **ENGINE)
+        llm = vllm.LLM(model=str(tiny_hf_dir), **vllm_case.engine)
     finally:
         del os.environ["VLLM_PLUGINS"]
     yield llm
@@ -76,112 +58,129 @@ def plain_llm(tiny_hf_dir):
 
 
 @pytest.fixture(scope="module")
-def unconfigured_llm(tiny_hf_dir):
-    llm = load_llm(str(tiny_hf_dir), None, **ENGINE)
+def unconfigured_llm(tiny_hf_dir, vllm_case):
+    llm = load_llm(str(tiny_hf_dir), None, **vllm_case.engine)
     yield llm
     _shutdown(llm)
 
 
 @pytest.fixture(scope="module")
-def guarded_llm(tiny_hf_dir, sae_dir, log_path):
-    settings = ServeSettings(sae=str(sae_dir), guard={"alpha": ALPHA}, log=log_path)
-    llm = load_llm(str(tiny_hf_dir), settings, **ENGINE)
+def guarded_llm(tiny_hf_dir, log_path, vllm_case):
+    guard = {"alpha": vllm_case.alpha}
+    settings = ServeSettings(sae=str(vllm_case.sae_dir), guard=guard, log=log_path)
+    llm = load_llm(str(tiny_hf_dir), settings, **vllm_case.engine)
     yield llm
     _shutdown(llm)
 
 
 @pytest.fixture(scope="module")
-def reference(tiny_hf_dir, sae_dir, tiny_images):
-    return hf_reference(tiny_hf_dir, tiny_images, QUESTION, sae_dir)
+def reference(tiny_hf_dir, tiny_images, vllm_case):
+    return vllm_case.hf_reference(tiny_hf_dir, tiny_images)
 
 
 @pytest.fixture(scope="module")
-def mixed_reference(tiny_hf_dir, sae_dir):
-    return hf_reference(tiny_hf_dir, MIXED, QUESTION, sae_dir)
+def mixed_reference(tiny_hf_dir, vllm_case):
+    return vllm_case.hf_reference(tiny_hf_dir, MIXED)
 
 
-def ask(llm, images, guard):
-    prompts = [PROMPT.format(question=QUESTION)] * len(images)
-    return [
-        a.token_ids for a in generate_offline(llm, images, prompts, guard=guard, max_tokens=STEPS)
-    ]
+@pytest.fixture(scope="module")
+def ask(vllm_case):
+    """ask(llm, images, guard) -> greedy token ids per image."""
+
+    def ask(llm, images, guard):
+        prompts = [vllm_case.prompt] * len(images)
+        answers = generate_offline(llm, images, prompts, guard=guard, max_tokens=vllm_case.steps)
+        return [a.token_ids for a in answers]
+
+    return ask
 
 
-def exact(llm, images, guard=None) -> list:
-    """Token ids and every top-5 logprob, to compare engines bit for bit."""
-    params = vllm.SamplingParams(temperature=0, max_tokens=STEPS, logprobs=5)
-    requests = [
-        {"prompt": PROMPT.format(question=QUESTION), "multi_modal_data": {"image": im}}
-        for im in images
-    ]
-    requests.append({"prompt": PROMPT.format(question=QUESTION).replace("<image>\n", "")})
-    if guard is not None:
-        for r in requests[:-1]:
-            r["mm_processor_kwargs"] = {REQUEST_KEY: guard}
-    outs = llm.generate(requests, params, use_tqdm=False)
-    return [
-        (
-            o.outputs[0].token_ids,
-            [{t: lp.logprob for t, lp in s.items()} for s in o.outputs[0].logprobs],
-        )
-        for o in outs
-    ]
+@pytest.fixture(scope="module")
+def exact(vllm_case):
+    """exact(llm, images, guard=None) -> token ids and every top-5 logprob, to compare engines
+    bit for bit."""
+
+    def exact(llm, images, guard=None) -> list:
+        params = vllm.SamplingParams(temperature=0, max_tokens=vllm_case.steps, logprobs=5)
+        requests = [
+            {"prompt": vllm_case.prompt, "multi_modal_data": {"image": im}} for im in images
+        ]
+        requests.append({"prompt": vllm_case.prompt.replace("<image>\n", "")})
+        if guard is not None:
+            for r in requests[:-1]:
+                r["mm_processor_kwargs"] = {REQUEST_KEY: guard}
+        outs = llm.generate(requests, params, use_tqdm=False)
+        return [
+            (
+                o.outputs[0].token_ids,
+                [{t: lp.logprob for t, lp in s.items()} for s in o.outputs[0].logprobs],
+            )
+            for o in outs
+        ]
+
+    return exact
 
 
-def test_the_guard_changes_the_reference_answers(reference, mixed_reference):
-    assert differs(reference) >= 2
-    assert differs(mixed_reference) >= 3
+def test_the_guard_changes_the_reference_answers(reference, mixed_reference, vllm_case):
+    assert vllm_case.differs(reference) >= 2
+    assert vllm_case.differs(mixed_reference) >= 3
 
 
-def test_guarded_answers_equal_the_hf_guard(guarded_llm, reference, tiny_images):
+def test_guarded_answers_equal_the_hf_guard(guarded_llm, reference, tiny_images, ask):
     assert ask(guarded_llm, tiny_images, True) == reference[True]
 
 
-def test_unguarded_answers_equal_hf(guarded_llm, reference, tiny_images):
+def test_unguarded_answers_equal_hf(guarded_llm, reference, tiny_images, ask):
     assert ask(guarded_llm, tiny_images, False) == reference[False]
 
 
-def test_requests_that_do_not_say_are_guarded_by_default(guarded_llm, reference, tiny_images):
+def test_requests_that_do_not_say_are_guarded_by_default(guarded_llm, reference, tiny_images, ask):
     assert ask(guarded_llm, tiny_images, None) == reference[True]
 
 
-def test_on_off_on_through_the_caches(guarded_llm, reference, tiny_images):
+def test_on_off_on_through_the_caches(guarded_llm, reference, tiny_images, ask):
     image = tiny_images[1:2]
     for on in (True, False, True, False):
         assert ask(guarded_llm, image, on) == [reference[on][1]]
 
 
-def test_mixed_batch_guards_only_its_flagged_images(guarded_llm, mixed_reference, log_path):
-    before = len(read_log(log_path))
+def test_mixed_batch_guards_only_its_flagged_images(
+    guarded_llm, mixed_reference, log_path, vllm_case, ask
+):
+    before = len(vllm_case.read_log(log_path))
     flags = [True, False, False, True, True, False]
     expected = [mixed_reference[on][i] for i, on in enumerate(flags)]
     assert ask(guarded_llm, MIXED, flags) == expected
-    records = read_log(log_path)[before:]
+    records = vllm_case.read_log(log_path)[before:]
     mixed = [r for r in records if r["flags"] and 0 < sum(r["flags"]) < len(r["flags"])]
     assert mixed, f"no projector call mixed guarded and plain images: {records}"
     for r in mixed:
-        assert r["guarded_tokens"] == TOKENS_PER_IMAGE * sum(r["flags"])
+        assert r["guarded_tokens"] == vllm_case.tokens_per_image * sum(r["flags"])
 
 
-def test_the_hook_sees_image_tokens_only(guarded_llm, log_path, tiny_images):
+def test_the_hook_sees_image_tokens_only(guarded_llm, log_path, tiny_images, vllm_case, ask):
     ask(guarded_llm, tiny.make_images(2, seed=9), True)
-    before = len(read_log(log_path))
-    text_only = vllm.SamplingParams(temperature=0, max_tokens=STEPS)
+    before = len(vllm_case.read_log(log_path))
+    text_only = vllm.SamplingParams(temperature=0, max_tokens=vllm_case.steps)
     guarded_llm.generate([{"prompt": "USER: What color is the sky? ASSISTANT:"}], text_only)
-    assert len(read_log(log_path)) == before  # no image, no projector call
-    records = read_log(log_path)
+    assert len(vllm_case.read_log(log_path)) == before  # no image, no projector call
+    records = vllm_case.read_log(log_path)
     assert records
     for r in records:
         assert r["shape"][-1] == HIDDEN
-        assert r["tokens"] == r["images"] * TOKENS_PER_IMAGE == r["crops"] * TOKENS_PER_IMAGE
-        assert r["guarded_tokens"] == TOKENS_PER_IMAGE * sum(r["flags"])
+        assert (
+            r["tokens"]
+            == r["images"] * vllm_case.tokens_per_image
+            == r["crops"] * vllm_case.tokens_per_image
+        )
+        assert r["guarded_tokens"] == vllm_case.tokens_per_image * sum(r["flags"])
 
 
-def test_unconfigured_plugin_is_bit_identical_to_plain_vllm(plain_llm, unconfigured_llm):
+def test_unconfigured_plugin_is_bit_identical_to_plain_vllm(plain_llm, unconfigured_llm, exact):
     assert exact(unconfigured_llm, FRESH) == exact(plain_llm, FRESH)
 
 
-def test_guard_off_is_bit_identical_to_plain_vllm(plain_llm, guarded_llm):
+def test_guard_off_is_bit_identical_to_plain_vllm(plain_llm, guarded_llm, exact):
     images = tiny.make_images(3, seed=10)
     assert exact(guarded_llm, images, guard=False) == exact(plain_llm, images)
 
@@ -211,6 +210,6 @@ def test_without_configuration_nothing_is_attached(unconfigured_llm):
     assert seen["buffers"] == [] and seen["hooks"] == 0
 
 
-def test_a_guard_request_to_an_unconfigured_engine_is_refused(unconfigured_llm, tiny_images):
+def test_a_guard_request_to_an_unconfigured_engine_is_refused(unconfigured_llm, tiny_images, ask):
     with pytest.raises(ValueError, match="no guard"):
         ask(unconfigured_llm, tiny_images[:1], True)

@@ -8,6 +8,7 @@ compared with the HF guard's, image by image.
 from __future__ import annotations
 
 import random
+import re
 
 import pytest
 
@@ -18,16 +19,6 @@ pytest.importorskip("vllm")
 openai = pytest.importorskip("openai")
 
 from _pope import run, texts, write_inputs  # noqa: E402
-from _vllm import (  # noqa: E402
-    ALPHA,
-    QUESTION,
-    STEPS,
-    TOKENS_PER_IMAGE,
-    differs,
-    hf_reference,
-    read_log,
-    save_sae,
-)
 
 from vlsae_guard.serving.client import generate_openai, openai_client  # noqa: E402
 from vlsae_guard.serving.server import running_server  # noqa: E402
@@ -42,97 +33,101 @@ BOS = {"add_special_tokens": True}
 
 
 @pytest.fixture(scope="module")
-def sae_dir(tmp_path_factory):
-    return save_sae(tmp_path_factory.mktemp("vllm-server-sae"))
-
-
-@pytest.fixture(scope="module")
-def served(tiny_hf_dir, sae_dir, tmp_path_factory):
+def served(tiny_hf_dir, tmp_path_factory, vllm_case):
     """(server, HF references by image set, guard log, log lines present at start-up)."""
     work = tmp_path_factory.mktemp("vllm-server")
     log = work / "guard.jsonl"
     refs = {
-        name: hf_reference(tiny_hf_dir, images, QUESTION, sae_dir)
+        name: vllm_case.hf_reference(tiny_hf_dir, images)
         for name, images in (("switched", SWITCHED), ("default", DEFAULT), ("many", CONCURRENT))
     }
     args = [
-        "--sae", str(sae_dir), "--vlsae-alpha", str(ALPHA), "--vlsae-log", str(log),
+        "--sae", str(vllm_case.sae_dir), "--vlsae-alpha", str(vllm_case.alpha),
+        "--vlsae-log", str(log),
         "--dtype", "float32", "--max-model-len", "512", "--seed", "0",
         "--kv-cache-memory-bytes", str(256 << 20), "--limit-mm-per-prompt", '{"image": 1}',
     ]  # fmt: skip
     with running_server(str(tiny_hf_dir), args, timeout=600, log=work / "server.log") as server:
-        yield server, refs, log, read_log(log)
+        yield server, refs, log, vllm_case.read_log(log)
 
 
-def ask(server, images, guard, concurrency=1):
-    answers = generate_openai(
-        server.base_url,
-        images,
-        [QUESTION] * len(images),
-        guard=guard,
-        max_tokens=STEPS,
-        concurrency=concurrency,
-        timeout=120,
-        extra_body=BOS,
-    )
-    return [a.token_ids for a in answers]
+@pytest.fixture(scope="module")
+def ask(vllm_case):
+    """ask(server, images, guard, concurrency=1) -> greedy token ids per image."""
+
+    def ask(server, images, guard, concurrency=1):
+        answers = generate_openai(
+            server.base_url,
+            images,
+            [vllm_case.question] * len(images),
+            guard=guard,
+            max_tokens=vllm_case.steps,
+            concurrency=concurrency,
+            timeout=120,
+            extra_body=BOS,
+        )
+        return [a.token_ids for a in answers]
+
+    return ask
 
 
-def test_start_up_profiling_went_through_the_hook(served):
+def test_start_up_profiling_went_through_the_hook(served, vllm_case):
     _, _, _, at_start = served
     assert at_start, "no projector call during start-up"
     dummy = at_start[0]
     assert dummy["images"] > 1 and all(dummy["flags"])  # the server default: guarded
-    assert dummy["guarded_tokens"] == dummy["tokens"] == dummy["images"] * TOKENS_PER_IMAGE
+    assert (
+        dummy["guarded_tokens"] == dummy["tokens"] == dummy["images"] * vllm_case.tokens_per_image
+    )
 
 
-def test_on_off_on_returns_the_matching_reference_each_time(served):
+def test_on_off_on_returns_the_matching_reference_each_time(served, vllm_case, ask):
     server, refs, log, _ = served
     ref = refs["switched"]
-    assert differs(ref) == 1
-    before = len(read_log(log))
+    assert vllm_case.differs(ref) == 1
+    before = len(vllm_case.read_log(log))
     for on in (True, False, True, False):
         assert ask(server, SWITCHED, on) == [ref[on][0]], f"guard {'on' if on else 'off'}"
-    new = read_log(log)[before:]
+    new = vllm_case.read_log(log)[before:]
     # Each setting was projected once; the repeats came from the caches, keyed by the setting.
     assert sorted(r["flags"] == [True] for r in new) == [False, True]
 
 
-def test_requests_that_do_not_say_are_guarded(served):
+def test_requests_that_do_not_say_are_guarded(served, ask):
     server, refs, _, _ = served
     assert ask(server, DEFAULT, None) == refs["default"][True]
 
 
-def test_concurrent_mixed_requests_equal_their_single_request_references(served):
+def test_concurrent_mixed_requests_equal_their_single_request_references(served, vllm_case, ask):
     server, refs, _, _ = served
     ref = refs["many"]
-    assert differs(ref) >= 4
+    assert vllm_case.differs(ref) >= 4
     jobs = [(i, on) for i in range(len(CONCURRENT)) for on in (True, False)]
     random.Random(0).shuffle(jobs)
     answers = ask(server, [CONCURRENT[i] for i, _ in jobs], [on for _, on in jobs], 16)
     assert answers == [ref[on][i] for i, on in jobs]
 
 
-def test_the_hook_sees_image_tokens_only(served):
+def test_the_hook_sees_image_tokens_only(served, vllm_case):
     server, _, log, _ = served
     client = openai_client(server.base_url, timeout=120)
-    before = len(read_log(log))
+    before = len(vllm_case.read_log(log))
     response = client.chat.completions.create(
         model=client.models.list().data[0].id,
         messages=[{"role": "user", "content": "What color is the sky?"}],
-        max_tokens=STEPS,
+        max_tokens=vllm_case.steps,
         temperature=0,
         extra_body={"mm_processor_kwargs": {REQUEST_KEY: True}},
     )
     assert response.choices[0].message.content is not None
-    assert len(read_log(log)) == before  # a text-only request never reaches the projector
-    for r in read_log(log):
+    assert len(vllm_case.read_log(log)) == before  # a text-only request never reaches the projector
+    for r in vllm_case.read_log(log):
         assert r["shape"][-1] == HIDDEN
-        assert r["tokens"] == r["crops"] * TOKENS_PER_IMAGE
-        assert r["guarded_tokens"] == TOKENS_PER_IMAGE * sum(r["flags"])
+        assert r["tokens"] == r["crops"] * vllm_case.tokens_per_image
+        assert r["guarded_tokens"] == vllm_case.tokens_per_image * sum(r["flags"])
 
 
-def test_a_switch_that_is_not_a_bool_is_a_client_error(served):
+def test_a_switch_that_is_not_a_bool_is_a_client_error(served, vllm_case):
     server, _, _, _ = served
     client = openai_client(server.base_url, timeout=120)
     from vlsae_guard.serving.client import chat_messages
@@ -140,20 +135,20 @@ def test_a_switch_that_is_not_a_bool_is_a_client_error(served):
     with pytest.raises(openai.BadRequestError, match=REQUEST_KEY):
         client.chat.completions.create(
             model=client.models.list().data[0].id,
-            messages=chat_messages(SWITCHED[0], QUESTION),
-            max_tokens=STEPS,
+            messages=chat_messages(SWITCHED[0], vllm_case.question),
+            max_tokens=vllm_case.steps,
             extra_body={"mm_processor_kwargs": {REQUEST_KEY: "yes"}},
         )
 
 
 def test_pope_runner_against_the_server_answers_as_the_hf_backend(
-    served, sae_dir, tiny_hf_dir, tiny_images, tmp_path
+    served, tiny_hf_dir, tiny_images, tmp_path, vllm_case
 ):
     """``benchmarks/pope.py --backend openai``: both arms from one server, per request."""
     server, _, _, _ = served
     inputs = write_inputs(tmp_path / "inputs", tiny_images, n_questions=12)
-    both = ["--ab", "--max-new-tokens", str(STEPS)]
-    guard = ["--sae", str(sae_dir), "--vlsae-alpha", str(ALPHA)]
+    both = ["--ab", "--max-new-tokens", str(vllm_case.steps)]
+    guard = ["--sae", str(vllm_case.sae_dir), "--vlsae-alpha", str(vllm_case.alpha)]
     chat = ["--prompt-format", "chat-template"]
     run(inputs, tiny_hf_dir, tmp_path / "hf", *both, *guard, *chat, "--batch-size", "1")
     out = tmp_path / "openai"
@@ -167,3 +162,20 @@ def test_pope_runner_against_the_server_answers_as_the_hf_backend(
     assert settings["served_model"] == str(tiny_hf_dir) and settings["model_sha256"]
     assert settings["extra_body"] == {"add_special_tokens": True}  # the template has no BOS
     assert settings["guard_configured_by"] == "the server" and settings["sae_sha256"] is None
+
+
+def test_the_readme_client_snippet_switches_the_guard_per_request(
+    served, readme_snippets, tiny_hf_dir, tmp_path, capsys, vllm_case
+):
+    """README.md's `<!-- test: server -->` block, as written, against this server."""
+    server, _, log, _ = served
+    (snippet,) = [s for s in readme_snippets if s.tag == "server"]
+    image = tmp_path / "photo.jpg"
+    tiny.make_images(1, seed=23)[0].save(image)  # an image no other test sent: no cache hits
+    code = snippet.with_values(BASE_URL=server.base_url, MODEL=tiny_hf_dir, IMAGE=image)
+    before = len(vllm_case.read_log(log))
+    exec(compile(code, f"README.md:{snippet.line}", "exec"), {})
+    # One projection per request, guard on then off: the switch reached the model.
+    assert [r["flags"] for r in vllm_case.read_log(log)[before:]] == [[True], [False]]
+    printed = capsys.readouterr().out  # the answers may hold newlines themselves
+    assert re.findall(r"^guard (on|off):", printed, re.M) == ["on", "off"]

@@ -11,17 +11,6 @@ from vlsae_guard.lab import tiny
 pytestmark = pytest.mark.vllm
 pytest.importorskip("vllm")
 
-from _vllm import (  # noqa: E402
-    ALPHA,
-    ENGINE,
-    PROMPT,
-    QUESTION,
-    STEPS,
-    hf_reference,
-    read_log,
-    save_sae,
-)
-
 from vlsae_guard.serving.client import generate_offline, load_llm  # noqa: E402
 from vlsae_guard.serving.settings import ServeSettings  # noqa: E402
 
@@ -31,23 +20,22 @@ CORES = sorted(os.sched_getaffinity(0))
 
 
 @pytest.mark.skipif(len(CORES) < 2, reason="tensor parallelism needs two CPU cores")
-def test_two_ranks_compute_the_same_guarded_features(tiny_hf_dir, tmp_path, monkeypatch):
+def test_two_ranks_compute_the_same_guarded_features(tiny_hf_dir, tmp_path, monkeypatch, vllm_case):
     # vLLM binds each CPU worker to cores; with one NUMA node the binding must be given.
     monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", f"{CORES[0]}|{CORES[1]}")
     for key in [k for k in os.environ if k.startswith("VLSAE_GUARD_")]:
         monkeypatch.delenv(key)
-    sae_dir = save_sae(tmp_path / "sae")
     log = tmp_path / "guard.jsonl"
-    reference = hf_reference(tiny_hf_dir, IMAGES, QUESTION, sae_dir)
-    settings = ServeSettings(sae=str(sae_dir), guard={"alpha": ALPHA}, log=log)
-    llm = load_llm(str(tiny_hf_dir), settings, **ENGINE, tensor_parallel_size=2)
+    reference = vllm_case.hf_reference(tiny_hf_dir, IMAGES)
+    settings = ServeSettings(sae=str(vllm_case.sae_dir), guard={"alpha": vllm_case.alpha}, log=log)
+    llm = load_llm(str(tiny_hf_dir), settings, **vllm_case.engine, tensor_parallel_size=2)
     try:
-        prompts = [PROMPT.format(question=QUESTION)] * len(IMAGES)
-        answers = generate_offline(llm, IMAGES, prompts, guard=FLAGS, max_tokens=STEPS)
+        prompts = [vllm_case.prompt] * len(IMAGES)
+        answers = generate_offline(llm, IMAGES, prompts, guard=FLAGS, max_tokens=vllm_case.steps)
     finally:
         llm.llm_engine.engine_core.shutdown()
     assert [a.token_ids for a in answers] == [reference[on][i] for i, on in enumerate(FLAGS)]
-    records = read_log(log)
+    records = vllm_case.read_log(log)
     by_rank = {r: [x for x in records if x["rank"] == r] for r in (0, 1)}
     assert by_rank[0] and len(by_rank[0]) == len(by_rank[1]) == len(records) // 2
     assert len({x["pid"] for x in by_rank[0]} | {x["pid"] for x in by_rank[1]}) == 2
