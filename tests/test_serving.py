@@ -22,6 +22,8 @@ from vlsae_guard.core.intervention import GuardConfig, ProjectorIntervention
 from vlsae_guard.lab import tiny
 from vlsae_guard.serving import client, plugin, routing
 from vlsae_guard.serving.server import (
+    DEFAULT_HOST,
+    HOST_FLAG,
     TRUST_FLAG,
     ServeError,
     guarded_architecture,
@@ -29,6 +31,8 @@ from vlsae_guard.serving.server import (
     server_command,
 )
 from vlsae_guard.serving.settings import (
+    ALLOW_FLAG,
+    ENV_ALLOW,
     ENV_ALPHA,
     ENV_CONFIG,
     ENV_DEFAULT,
@@ -37,6 +41,7 @@ from vlsae_guard.serving.settings import (
     ENV_SAE,
     REQUEST_KEY,
     PluginConfigError,
+    RequestKwargsError,
     ServeSettings,
 )
 
@@ -136,10 +141,87 @@ def test_to_env_round_trips():
         default=False,
         dtype="model",
         log="/tmp/log.jsonl",
+        allow_request_kwargs=True,
     )
     env = settings.to_env()
     assert all(isinstance(v, str) for v in env.values())
+    assert env[ENV_ALLOW] == "on"
     assert ServeSettings.from_env(env) == settings
+
+
+def test_request_kwargs_are_refused_unless_allowed_by_default():
+    env = ServeSettings(sae="/sae").to_env()
+    assert env[ENV_ALLOW] == "off"
+    assert ServeSettings.from_env(env).allow_request_kwargs is False
+    assert ServeSettings.from_env({ENV_SAE: "/s"}).allow_request_kwargs is False
+    with pytest.raises(PluginConfigError, match=f"{ENV_ALLOW}: Input should be a valid bool"):
+        ServeSettings.from_env({ENV_SAE: "/s", ENV_ALLOW: "sometimes"})
+
+
+# --- request kwargs ----------------------------------------------------------------------------
+
+GUARDED = ServeSettings(sae="/sae", guard={"alpha": 0.3, "steer": {4: 1.0}})
+ALLOWING = GUARDED.model_copy(update={"allow_request_kwargs": True})
+
+
+def test_the_switch_is_the_only_request_kwarg_by_default():
+    assert GUARDED.check_request({}) is True
+    assert GUARDED.check_request({REQUEST_KEY: False}) is False
+    assert GUARDED.model_copy(update={"default": False}).check_request({}) is False
+    with pytest.raises(RequestKwargsError, match=f"'size'.*{ALLOW_FLAG}"):
+        GUARDED.check_request({"size": {"shortest_edge": 56}, REQUEST_KEY: True})
+    with pytest.raises(RequestKwargsError, match=f"media_io_kwargs.*image_mode.*{ALLOW_FLAG}"):
+        GUARDED.check_request({}, {"image": {"image_mode": "L"}})
+
+
+def test_the_operator_may_allow_other_processor_kwargs():
+    assert ALLOWING.check_request({"size": {"shortest_edge": 56}, REQUEST_KEY: False}) is False
+    assert ALLOWING.check_request({}, {"image": {"image_mode": "L"}}) is True
+    # Without an SAE the classes are their parents: vLLM's own flag decides.
+    assert ServeSettings().check_request({"size": {"shortest_edge": 56}}) is False
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "flag", "current"),
+    [
+        ("alpha", float("nan"), "--vlsae-alpha", "alpha=0.3"),
+        ("alpha", -1, "--vlsae-alpha", "alpha=0.3"),
+        ("alpha", 1e308, "--vlsae-alpha", "alpha=0.3"),
+        ("alpha", "abc", "--vlsae-alpha", "alpha=0.3"),
+        ("steer", {str(i): 1.0 for i in range(200_000)}, "--vlsae-steer", "steer={4: 1.0}"),
+        ("method", "edit", "--vlsae-method", "method='replace'"),
+        ("mode", "paper", "--vlsae-mode", "mode='projector'"),
+        ("shared_concepts", [1], ENV_CONFIG, "shared_concepts=None"),
+        ("vlsae_alpha", 0.1, "--vlsae-alpha", "alpha=0.3"),
+        ("VLSAE-GUARD-ALPHA", 0.1, "--vlsae-alpha", "alpha=0.3"),
+        ("default", False, "--vlsae-default", "default is on"),
+        ("sae", "/other", "--sae", ""),
+        ("vlsae_strength", 1, "--vlsae-", ""),
+    ],
+)
+@pytest.mark.parametrize("settings", [GUARDED, ALLOWING], ids=["default", "allowing"])
+def test_guard_settings_are_fixed_at_start(settings, key, value, flag, current):
+    with pytest.raises(RequestKwargsError) as error:
+        settings.check_request({key: value, REQUEST_KEY: True})
+    message = str(error.value)
+    assert f"[{key!r}]" in message and "server setting" in message and flag in message
+    assert current in message and len(message) < 300
+    assert "/sae" not in message  # paths are not the client's business
+
+
+@pytest.mark.parametrize(
+    ("value", "found"),
+    [(float("nan"), "NaN"), (None, "null"), ("abc", "'abc'"), (1, "1"), ([True], "[True]")],
+)
+def test_the_switch_must_be_a_bool(value, found):
+    with pytest.raises(RequestKwargsError) as error:
+        GUARDED.check_request({REQUEST_KEY: value})
+    assert str(error.value).endswith(f"[{REQUEST_KEY!r}]: expected true or false, found {found}")
+
+
+def test_a_misspelled_switch_is_named():
+    with pytest.raises(RequestKwargsError, match=f"spelled '{REQUEST_KEY}', found 'vlsae-guard'"):
+        ALLOWING.check_request({"vlsae-guard": False})
 
 
 # --- routing ------------------------------------------------------------------------------------
@@ -268,6 +350,15 @@ def test_the_entry_point_is_installed():
 # --- serve -----------------------------------------------------------------------------------
 
 
+def test_server_command_binds_localhost_unless_the_operator_names_a_host():
+    cmd = server_command("m", "A", ["--port", "1"], python="py")
+    assert cmd[cmd.index(HOST_FLAG) + 1] == DEFAULT_HOST == "127.0.0.1"
+    for given in (["--host", "0.0.0.0"], ["--host=0.0.0.0"]):
+        cmd = server_command("m", "A", [*given, "--port", "1"], python="py")
+        assert DEFAULT_HOST not in cmd and cmd[-3:] == [*given, "--port", "1"][-3:]
+        assert sum(a.startswith(HOST_FLAG) for a in cmd) == 1
+
+
 def test_server_command_adds_the_architecture_and_the_trust_flag():
     cmd = server_command("m", "Arch", ["--port", "1"], python="py")
     assert cmd[:5] == ["py", "-m", "vllm.entrypoints.openai.api_server", "--model", "m"]
@@ -336,6 +427,14 @@ def test_serve_dry_run_prints_the_environment_and_the_command(capsys, tiny_hf_di
     assert overrides["architectures"] == ["VLSAEGuardLlavaForConditionalGeneration"]
     assert command[-4:] == ["--port", "8001", "--max-model-len", "512"]  # vLLM's, in order
     assert "--sae" not in command and "--vlsae-alpha" not in command
+    assert command[command.index(HOST_FLAG) + 1] == DEFAULT_HOST
+    assert settings.allow_request_kwargs is False
+
+
+def test_serve_carries_the_allow_flag_to_every_process(capsys, tiny_hf_dir, sae_dir):
+    status, lines, _ = dry_run(capsys, str(tiny_hf_dir), "--sae", str(sae_dir), ALLOW_FLAG)
+    assert status == 0 and f"{ENV_ALLOW}=on" in lines
+    assert ALLOW_FLAG not in lines[-1]  # ours, not vLLM's
 
 
 def test_serve_accepts_sae_before_the_model(capsys, tiny_hf_dir, sae_dir):

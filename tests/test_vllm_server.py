@@ -1,14 +1,21 @@
-"""``vlsae-guard serve`` on 127.0.0.1: chat completions through the ``openai`` client.
+"""``vlsae-guard serve``: chat completions through the ``openai`` client.
 
-One server for the module, started with the command users run (torch.compile on, so vLLM's
-start-up profiling pushes a dummy batch through the hook) and stopped at the end. Answers are
-compared with the HF guard's, image by image.
+One server for the module, started with the command users run (no ``--host``, so it binds
+where ``serve`` does by default; torch.compile on, so vLLM's start-up profiling pushes a dummy
+batch through the hook) and stopped at the end. Answers are compared with the HF guard's, image
+by image; request kwargs the server refuses are probed with raw HTTP (NaN is not JSON to
+the ``openai`` client).
 """
 
 from __future__ import annotations
 
+import json
 import random
 import re
+import socket
+import urllib.error
+import urllib.request
+from pathlib import Path
 
 import pytest
 
@@ -20,9 +27,9 @@ openai = pytest.importorskip("openai")
 
 from _pope import run, texts, write_inputs  # noqa: E402
 
-from vlsae_guard.serving.client import generate_openai, openai_client  # noqa: E402
+from vlsae_guard.serving.client import chat_messages, generate_openai, openai_client  # noqa: E402
 from vlsae_guard.serving.server import running_server  # noqa: E402
-from vlsae_guard.serving.settings import REQUEST_KEY  # noqa: E402
+from vlsae_guard.serving.settings import ALLOW_FLAG, REQUEST_KEY  # noqa: E402
 
 SWITCHED = tiny.make_images(1, seed=20)  # on -> off -> on
 DEFAULT = tiny.make_images(1, seed=21)
@@ -130,8 +137,6 @@ def test_the_hook_sees_image_tokens_only(served, vllm_case):
 def test_a_switch_that_is_not_a_bool_is_a_client_error(served, vllm_case):
     server, _, _, _ = served
     client = openai_client(server.base_url, timeout=120)
-    from vlsae_guard.serving.client import chat_messages
-
     with pytest.raises(openai.BadRequestError, match=REQUEST_KEY):
         client.chat.completions.create(
             model=client.models.list().data[0].id,
@@ -139,6 +144,98 @@ def test_a_switch_that_is_not_a_bool_is_a_client_error(served, vllm_case):
             max_tokens=vllm_case.steps,
             extra_body={"mm_processor_kwargs": {REQUEST_KEY: "yes"}},
         )
+
+
+def listening_addresses(port: int) -> set[str]:
+    """Local addresses of the sockets listening on ``port`` (Linux ``/proc/net/tcp*``)."""
+    found = set()
+    for table, family in (("/proc/net/tcp", socket.AF_INET), ("/proc/net/tcp6", socket.AF_INET6)):
+        for line in Path(table).read_text().splitlines()[1:]:
+            local, _, state = line.split()[1:4]
+            address, hex_port = local.split(":")
+            if state == "0A" and int(hex_port, 16) == port:  # 0A: LISTEN
+                raw = bytes.fromhex(address)  # 32-bit words in host (little-endian) order
+                words = b"".join(raw[i : i + 4][::-1] for i in range(0, len(raw), 4))
+                found.add(socket.inet_ntop(family, words))
+    return found
+
+
+def test_the_server_listens_on_localhost_only_by_default(served):
+    server, _, _, _ = served
+    assert "--host" not in server.process.args  # what serve did, not what the test asked
+    command = Path(f"/proc/{server.process.pid}/cmdline").read_text().split("\0")
+    assert "vllm.entrypoints.openai.api_server" in command  # serve replaced itself with it
+    assert command[command.index("--host") + 1] == "127.0.0.1"
+    assert listening_addresses(int(server.url.rsplit(":", 1)[1])) == {"127.0.0.1"}
+
+
+def post_chat(server, case, **fields) -> tuple[int, str]:
+    """(HTTP status, answer or error message) of one chat request, sent as raw JSON."""
+    body = {
+        "model": openai_client(server.base_url).models.list().data[0].id,
+        "messages": chat_messages(SWITCHED[0], case.question), "max_tokens": case.steps,
+        "temperature": 0, **fields,
+    }  # fmt: skip
+    request = urllib.request.Request(
+        server.url + "/v1/chat/completions",
+        data=json.dumps(body).encode(),  # NaN goes out as the bare token NaN
+        headers={"Content-Type": "application/json"},
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=120) as response:
+            return response.status, json.loads(response.read())["choices"][0]["message"]["content"]
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())["error"]["message"]
+
+
+def health(server) -> int:
+    with urllib.request.urlopen(server.url + "/health", timeout=30) as response:
+        return response.status
+
+
+FIXED = "a server setting, fixed when the server starts"
+REFUSED = [  # (mm_processor_kwargs, what the message says)
+    ({"size": {"shortest_edge": 56}}, ["['size']: expected only 'vlsae_guard'", ALLOW_FLAG]),
+    (
+        {"alpha": float("nan")},
+        [f"['alpha']: {FIXED} (--vlsae-alpha)", "this server runs with alpha="],
+    ),
+    ({"alpha": -1}, [f"['alpha']: {FIXED} (--vlsae-alpha)"]),
+    ({"alpha": "abc"}, [f"['alpha']: {FIXED} (--vlsae-alpha)"]),
+    ({"vlsae_alpha": 0.1}, [f"['vlsae_alpha']: {FIXED} (--vlsae-alpha)"]),
+    ({"steer": {str(i): 1.0 for i in range(200_000)}}, [f"['steer']: {FIXED} (--vlsae-steer)"]),
+    ({REQUEST_KEY: float("nan")}, [f"['{REQUEST_KEY}']: expected true or false, found NaN"]),
+    ({REQUEST_KEY: None}, [f"['{REQUEST_KEY}']: expected true or false, found null"]),
+    ({REQUEST_KEY: "abc"}, [f"['{REQUEST_KEY}']: expected true or false, found 'abc'"]),
+]
+
+
+REFUSED_IDS = [
+    "size", "alpha-nan", "alpha-negative", "alpha-abc", "vlsae_alpha", "steer-200k",
+    "switch-nan", "switch-null", "switch-abc",
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("kwargs", "says"), REFUSED, ids=REFUSED_IDS)
+def test_request_kwargs_the_guard_does_not_take_are_refused(served, vllm_case, kwargs, says):
+    server, _, _, _ = served
+    status, message = post_chat(server, vllm_case, mm_processor_kwargs=kwargs)
+    assert status == 400 and all(part in message for part in says), message
+    assert health(server) == 200
+
+
+def test_media_io_kwargs_are_refused(served, vllm_case):
+    server, _, _, _ = served
+    status, message = post_chat(server, vllm_case, media_io_kwargs={"image": {"image_mode": "L"}})
+    assert status == 400 and message.startswith("media_io_kwargs: expected none"), message
+    assert ALLOW_FLAG in message and health(server) == 200
+
+
+def test_after_the_refusals_requests_still_get_their_answers(served, vllm_case, ask):
+    server, refs, _, _ = served
+    assert post_chat(server, vllm_case)[0] == 200
+    assert post_chat(server, vllm_case, mm_processor_kwargs={REQUEST_KEY: False})[0] == 200
+    assert ask(server, SWITCHED, None) == [refs["switched"][True][0]]
 
 
 def test_pope_runner_against_the_server_answers_as_the_hf_backend(

@@ -17,7 +17,7 @@ from pydantic import ValidationError
 from ..cli.guard_flags import GuardFlagsError, add_guard_flags, settings_from_args
 from ..validation import describe_validation_error
 from .server import ServeError, prepare
-from .settings import ServeSettings
+from .settings import ALLOW_FLAG, ServeSettings
 
 
 def guard_parser() -> argparse.ArgumentParser:
@@ -28,6 +28,7 @@ def guard_parser() -> argparse.ArgumentParser:
     group.add_argument("--vlsae-default", choices=["on", "off"], default="on")
     group.add_argument("--vlsae-dtype", choices=["float32", "model"], default="float32")
     group.add_argument("--vlsae-log", default=None)
+    group.add_argument(ALLOW_FLAG, dest="vlsae_allow_request_kwargs", action="store_true")
     group.add_argument("--dry-run", action="store_true")
     return parser
 
@@ -51,6 +52,7 @@ def parse(sae: str | None, rest: Sequence[str]) -> tuple[ServeSettings, list[str
             default=ns.vlsae_default == "on",
             dtype=ns.vlsae_dtype,
             log=ns.vlsae_log,
+            allow_request_kwargs=ns.vlsae_allow_request_kwargs,
         )
     except ValidationError as e:
         raise ServeError(

@@ -64,16 +64,27 @@ def check_supported(hf_config) -> None:
 
 
 class _GuardFlagProcessor:
-    """Mixin for a vLLM multimodal processor: emits the request's guard switch per image."""
+    """Mixin for a vLLM multimodal processor: checks the request's processor kwargs and emits
+    its guard switch per image.
+
+    The check runs in :meth:`apply`, which vLLM calls in the process that renders requests
+    (the API server, or the offline ``LLM``) before hashing, caching or the engine, so a
+    refused request is a client error (HTTP 400) and never reaches the engine. A request
+    without images never reaches a processor; its kwargs go nowhere.
+    """
 
     def __init__(self, info, dummy_inputs) -> None:
         super().__init__(info, dummy_inputs)
         check_supported(info.get_hf_config())
         self.vlsae_settings = ServeSettings.from_env()
 
+    def apply(self, inputs, timing_ctx):
+        self.vlsae_settings.check_request(inputs.hf_processor_mm_kwargs, inputs.media_io_kwargs)
+        return super().apply(inputs, timing_ctx)
+
     def _apply_hf_processor_main(self, mm_items, hf_kwargs: Mapping[str, object]):
-        kwargs = dict(hf_kwargs)
-        on = self.vlsae_settings.resolve_request(kwargs.pop(REQUEST_KEY, None))
+        on = self.vlsae_settings.check_request(hf_kwargs)
+        kwargs = {k: v for k, v in hf_kwargs.items() if k != REQUEST_KEY}
         data = super()._apply_hf_processor_main(mm_items, kwargs)
         n_images = mm_items.get_all_counts().get("image", 0)
         if n_images:

