@@ -46,7 +46,6 @@ _FLAGS = ("alpha", "rewrite", "mode", "steer", "text_grounded", "layer")
 _SETTING_SOURCE = {
     **{f: ENV_CONFIG for f in GuardConfig.model_fields},
     **{f: "--vlsae-" + f.replace("_", "-") for f in _FLAGS},
-    "method": "--vlsae-rewrite",  # its deprecated name
     **{f: "--vlsae-" + f for f in ("default", "dtype", "log")},
     "sae": "--sae",
     "guard": "--sae and --vlsae-*",
@@ -157,6 +156,7 @@ class ServeSettings(BaseModel):
                 f"{REQUEST_KEY!r}, found {_short(key)}"
             )
         bare = name.removeprefix("vlsae_guard_").removeprefix("vlsae_")
+        bare = "rewrite" if bare == "method" else bare  # its deprecated name
         if bare not in _SETTING_SOURCE and not name.startswith("vlsae"):
             return None
         source = _SETTING_SOURCE.get(bare, "the serve flags --sae and --vlsae-*")
