@@ -16,7 +16,6 @@ import sys
 
 from vlsae_guard.cli import bench_flags
 from vlsae_guard.harness import chair as harness
-from vlsae_guard.harness import common
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -31,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\n{harness.NOTES}\nwrote {config.out}/results.json, results.md, results.png")
         return 0
 
-    return common.run_main("benchmarks/chair.py", body)
+    return bench_flags.run_main("benchmarks/chair.py", body)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ from __future__ import annotations
 import sys
 
 from vlsae_guard.cli import bench_flags
-from vlsae_guard.harness import common
 from vlsae_guard.harness import pope as harness
 
 
@@ -35,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\n{harness.NOTES}\nwrote {config.out}/results.json, results.md, results.png")
         return 0
 
-    return common.run_main("benchmarks/pope.py", body)
+    return bench_flags.run_main("benchmarks/pope.py", body)
 
 
 if __name__ == "__main__":

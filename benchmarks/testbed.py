@@ -21,6 +21,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from vlsae_guard import outputs
+from vlsae_guard.cli import bench_flags
 from vlsae_guard.harness import common
 from vlsae_guard.lab.testbed import experiment
 
@@ -65,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\nwrote {args.out / 'results.json'} and results.md")
         return 0
 
-    return common.run_main("benchmarks/testbed.py", body)
+    return bench_flags.run_main("benchmarks/testbed.py", body)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from vlsae_guard import outputs, provenance
+from vlsae_guard.cli import bench_flags
 from vlsae_guard.harness import common
 from vlsae_guard.lab.testbed.probe import probe
 from vlsae_guard.lab.testbed.world import WorldConfig, build_world
@@ -56,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\nwrote {args.run / 'probe.json'}")
         return 0
 
-    return common.run_main("benchmarks/testbed_probe.py", body)
+    return bench_flags.run_main("benchmarks/testbed_probe.py", body)
 
 
 def table(seeds: list[dict]) -> str:

@@ -10,10 +10,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from pydantic import BaseModel, ValidationError
 
+from ..backends import UnsupportedModelError
+from ..core.checkpoint import CheckpointError
+from ..core.guard import GuardError
+from ..harness import generation
 from ..harness.common import BenchmarkError
 from ..harness.config import (
     CHAIR_SPLITS,
@@ -25,7 +31,8 @@ from ..harness.config import (
 )
 from ..harness.generation import BACKENDS, PROMPT_FORMATS
 from ..scoring import chair, pope
-from .guard_flags import add_guard_flags, guard_config, settings_from_args
+from ..scoring.files import DataError
+from .guard_flags import GuardFlagsError, add_guard_flags, guard_config, settings_from_args
 
 # argparse destinations that are not named as their field
 DESTS = {"vlsae_guard": "sae"}
@@ -212,3 +219,32 @@ def demo_config(args: argparse.Namespace) -> DemoConfig:
     """``pope_parser()``'s flags for ``--demo``: output, seed, batching and the guard settings;
     model and data are the demo's own (``--sae``, ``--model`` and the like are not used)."""
     return build(DemoConfig, args, guard=guard_config(args))
+
+
+# --- what the scripts do on an expected failure ----------------------------------------------
+
+
+def fail(prog: str, error: Exception) -> int:
+    print(f"{prog}: error: {error}", file=sys.stderr)
+    return 2
+
+
+EXPECTED_ERRORS: tuple[type[Exception], ...] = (
+    DataError,
+    BenchmarkError,
+    CheckpointError,
+    GuardError,
+    GuardFlagsError,
+    UnsupportedModelError,
+    generation.BackendUnavailable,
+    generation.GenerationError,
+    OSError,
+)
+
+
+def run_main(prog: str, body: Callable[[], int]) -> int:
+    """Run a benchmark body; expected failures print one line and exit 2 (no traceback)."""
+    try:
+        return body()
+    except EXPECTED_ERRORS as e:
+        return fail(prog, e)

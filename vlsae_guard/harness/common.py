@@ -14,7 +14,7 @@ import os
 import random
 import re
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,7 +25,6 @@ from tqdm import tqdm
 
 from .. import outputs, provenance
 from ..backends import UnsupportedModelError, checkpoint_family, read_model_config
-from ..cli.guard_flags import GuardFlagsError
 from ..core.fit import GuardFit
 from ..core.intervention import GuardConfig
 from ..scoring import report
@@ -347,30 +346,3 @@ def answers_dir(out: Path, arm: str) -> Path:
 
 def safe_name(split: str) -> str:
     return re.sub(r"[^\w.-]+", "_", split)
-
-
-def fail(prog: str, error: Exception) -> int:
-    print(f"{prog}: error: {error}", file=sys.stderr)
-    return 2
-
-
-EXPECTED_ERRORS: tuple[type[Exception], ...] = (
-    DataError,
-    BenchmarkError,
-    GuardFlagsError,
-    UnsupportedModelError,
-    generation.BackendUnavailable,
-    generation.GenerationError,
-    OSError,
-)
-
-
-def run_main(prog: str, body: Callable[[], int]) -> int:
-    """Run a benchmark body; expected failures print one line and exit 2 (no traceback)."""
-    from ..core.checkpoint import CheckpointError
-    from ..core.guard import GuardError
-
-    try:
-        return body()
-    except (*EXPECTED_ERRORS, CheckpointError, GuardError) as e:
-        return fail(prog, e)
