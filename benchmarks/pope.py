@@ -16,6 +16,7 @@ import sys
 
 from vlsae_guard.cli import bench_flags
 from vlsae_guard.harness import pope as harness
+from vlsae_guard.lab import demo
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -23,7 +24,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def body() -> int:
         if args.demo:
-            _, text = harness.run_demo(bench_flags.demo_config(args))
+            _, text = demo.run_demo(bench_flags.demo_config(args))
             print(text)
             return 0
         config = bench_flags.pope_config(args)

@@ -15,7 +15,8 @@ from vlsae_guard import GuardConfig
 from vlsae_guard.cli import bench_flags
 from vlsae_guard.cli.guard_flags import guard_config
 from vlsae_guard.harness.common import BenchmarkError
-from vlsae_guard.harness.config import ChairRunConfig, DemoConfig, PopeRunConfig
+from vlsae_guard.harness.config import ChairRunConfig, PopeRunConfig
+from vlsae_guard.lab.demo import DemoConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 NOT_FLAGS = {"guard", "command"}  # the guard comes from the --vlsae-* flags; command from argv

@@ -9,9 +9,8 @@ import pytest
 
 from vlsae_guard import VLSAE, GuardConfig
 from vlsae_guard.cli import main
-from vlsae_guard.harness import pope as harness
-from vlsae_guard.harness.config import DemoConfig
 from vlsae_guard.lab import demo
+from vlsae_guard.lab.demo import DemoConfig, run_demo
 from vlsae_guard.scoring import pope
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -57,7 +56,7 @@ def test_run_demo_takes_a_typed_config_and_parses_no_flags(tmp_path, monkeypatch
     monkeypatch.setattr(argparse.ArgumentParser, "parse_args", no_parsing)
     monkeypatch.setattr(argparse.ArgumentParser, "parse_known_args", no_parsing)
     config = DemoConfig(out=tmp_path, n_images=2, limit=4, guard=GuardConfig(alpha=0.7))
-    results, text = harness.run_demo(config, progress=False)
+    results, text = run_demo(config, progress=False)
     assert results["settings"]["guard"] == GuardConfig(alpha=0.7).model_dump(mode="json")
     assert results["settings"]["limit"] == 4 and results["mean_f1"]["splits"] == ["pope_shapes"]
     assert results["splits"]["pope_shapes"]["comparison"]["n"] == 4

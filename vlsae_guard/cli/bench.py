@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from ..core.intervention import GuardConfig
-from ..harness.config import DemoConfig
+from ..lab.demo import DemoConfig
 from ..outputs import write_text
 from .app import arg, field_arg, rewrite_args, rewrite_flag, subcommand, validated, write_json
 
@@ -27,7 +27,7 @@ from .app import arg, field_arg, rewrite_args, rewrite_flag, subcommand, validat
 def demo_command(args: argparse.Namespace) -> None:
     """Same as ``python benchmarks/pope.py --demo``: build a tiny LLaVA, a VL-SAE fitted to it,
     images and POPE questions; run the A/B harness; print both arms, deltas and McNemar's p."""
-    from ..harness import pope as harness
+    from ..lab.demo import run_demo
 
     guard = validated(GuardConfig, "guard settings", alpha=args.alpha, rewrite=rewrite_flag(args))
     config = validated(
@@ -39,7 +39,7 @@ def demo_command(args: argparse.Namespace) -> None:
         n_images=args.images,
         guard=guard,
     )
-    print(harness.run_demo(config)[1])
+    print(run_demo(config)[1])
 
 
 @subcommand(

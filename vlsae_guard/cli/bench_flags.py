@@ -25,11 +25,11 @@ from ..harness.config import (
     CHAIR_SPLITS,
     DTYPES,
     ChairRunConfig,
-    DemoConfig,
     PopeRunConfig,
     RunConfig,
 )
 from ..harness.generation import BACKENDS, PROMPT_FORMATS
+from ..lab.demo import DemoConfig
 from ..scoring import chair, pope
 from ..scoring.files import DataError
 from .guard_flags import GuardFlagsError, add_guard_flags, guard_config, settings_from_args

@@ -30,9 +30,9 @@ def serve_command(args: argparse.Namespace) -> None:
     {"vlsae_guard": false}}, the only request kwarg accepted by default; guard settings
     (alpha, steer, ...) are fixed at start, and requests that set them get HTTP 400.
     """
-    from ..serving.command import serve
     from ..serving.server import ServeError
     from ..serving.settings import PluginConfigError
+    from .serve_flags import serve
 
     try:
         serve(args.model, args.sae, args.vllm_args)

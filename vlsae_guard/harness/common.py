@@ -33,12 +33,6 @@ from . import generation
 from .answers import AnswerLog
 from .config import ARMS, RunConfig
 
-DEMO_NOTE = (
-    "NOTE: a tiny random-weight model built here; these numbers say nothing about real LLaVA "
-    "models or about whether the guard reduces hallucination. They show that the A/B pipeline "
-    "runs end to end."
-)
-
 
 class BenchmarkError(RuntimeError):
     """The run cannot start as asked (arguments that do not fit together)."""

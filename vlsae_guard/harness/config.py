@@ -154,16 +154,3 @@ class ChairRunConfig(RunConfig):
     image_ids: Path | None = None  # a file of COCO image ids instead of ``split``
     prompt: str = chair.PROMPT
     coco_annotations: Path | None = None  # COCO 2014 annotations instead of the shipped table
-
-
-class DemoConfig(_Config):
-    """The demo (``benchmarks/pope.py --demo``, ``vlsae-guard demo``): its own tiny model and
-    data; of a run's settings only these are the caller's."""
-
-    out: Path = Path("runs/demo")
-    n_images: int = Field(default=24, ge=1)  # generated images, one question per shape each
-    seed: int = RunConfig.model_fields["seed"].default
-    batch_size: int = Field(default=RunConfig.model_fields["batch_size"].default, ge=1)
-    limit: int | None = Field(default=None, ge=1)
-    bootstrap: int = RunConfig.model_fields["bootstrap"].default
-    guard: GuardConfig = GuardConfig()

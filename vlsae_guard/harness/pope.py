@@ -12,7 +12,7 @@ from ..scoring import pope, report
 from ..scoring.files import DataError
 from . import common
 from .common import Item, Job
-from .config import DemoConfig, PopeRunConfig
+from .config import PopeRunConfig
 
 
 def question_sets(run: PopeRunConfig) -> list[pope.QuestionSet]:
@@ -153,50 +153,3 @@ def finish(results: dict, out: Path, title: str, extra_notes=()) -> str:
     notes = [NOTES, *extra_notes, *(f"WARNING: {w}" for w in results["warnings"])]
     table = common.write_outputs(out, results, rows(results), title, notes)
     return table
-
-
-def run_demo(config: DemoConfig, progress: bool = True) -> tuple[dict, str]:
-    """Build the demo's inputs under ``config.out`` and run the ordinary A/B on them; returns
-    the results and the text to print. Model, data and decoding are the demo's own."""
-    from ..lab import demo
-
-    out = config.out
-    files = demo.prepare(out / "inputs", n_images=config.n_images, seed=config.seed)
-    demo_run = PopeRunConfig(
-        model=str(files.model),
-        backend="hf",
-        sae=str(files.sae),
-        guard=config.guard,
-        ab=True,
-        images=files.images,
-        questions=[str(files.questions)],
-        out=out,
-        batch_size=config.batch_size,
-        seed=config.seed,
-        max_new_tokens=8,
-        dtype="float32",
-        device="cpu",
-        bootstrap=config.bootstrap,
-        limit=config.limit,
-    )
-    started = time.perf_counter()
-    results = run(demo_run, progress)
-    results["demo"] = {"sae": files.sae_summary, "seconds": round(time.perf_counter() - started, 1)}
-    sae = files.sae_summary
-    asked = question_sets(demo_run)[0].questions
-    header = (
-        f"vlsae-guard POPE demo: tiny random-weight LLaVA (hf backend), {len(asked)} POPE-style "
-        f"questions about {len({q.image for q in asked})} generated images\n"
-        f"VL-SAE fitted to it: {sae['n_concepts']} concepts, "
-        f"k={sae['k']}, {sae['shared']} shared; explained variance vision "
-        f"{sae['explained_variance_vision']:.2f}, text {sae['explained_variance_text']:.2f}\n"
-        f"guard: {results['settings']['guard']['rewrite']}, "
-        f"alpha={results['settings']['guard']['alpha']}"
-    )
-    table = finish(results, out, "POPE demo (tiny random model)", [common.DEMO_NOTE])
-    warnings = "".join(f"WARNING: {w}\n\n" for w in results["warnings"])
-    text = (
-        f"{header}\n\n{table}\n\n{NOTES}\n\n{common.DEMO_NOTE}\n\n{warnings}"
-        f"wrote {out / 'results.json'}, results.md, results.png and answers/ in {out}"
-    )
-    return results, text

@@ -1,4 +1,5 @@
-"""The ``vlsae-guard serve MODEL --sae DIR [vllm args...]`` command.
+"""The ``vlsae-guard serve MODEL --sae DIR [vllm args...]`` command line: guard and serving
+flags out of the arguments, the rest for vLLM.
 
 Guard flags may appear anywhere after MODEL; they are the ones every vlsae-guard tool accepts
 (:mod:`vlsae_guard.cli.guard_flags`), plus the serving ones. Everything else goes to vLLM unchanged.
@@ -14,10 +15,10 @@ from collections.abc import Sequence
 
 from pydantic import ValidationError
 
-from ..cli.guard_flags import GuardFlagsError, add_guard_flags, settings_from_args
+from ..serving.server import ServeError, prepare
+from ..serving.settings import ALLOW_FLAG, ServeSettings
 from ..validation import describe_validation_error
-from .server import ServeError, prepare
-from .settings import ALLOW_FLAG, ServeSettings
+from .guard_flags import GuardFlagsError, add_guard_flags, settings_from_args
 
 
 def guard_parser() -> argparse.ArgumentParser:
