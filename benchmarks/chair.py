@@ -24,10 +24,7 @@ def main(argv: list[str] | None = None) -> int:
     def body() -> int:
         config = bench_flags.chair_config(args)
         results = harness.run(config)
-        print(harness.finish(results, config.out))
-        for warning in results["warnings"]:
-            print(f"WARNING: {warning}", file=sys.stderr)
-        print(f"\n{harness.NOTES}\nwrote {config.out}/results.json, results.md, results.png")
+        bench_flags.report(harness.finish(results, config.out), results, harness.NOTES, config.out)
         return 0
 
     return bench_flags.run_main("benchmarks/chair.py", body)

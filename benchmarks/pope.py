@@ -29,10 +29,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         config = bench_flags.pope_config(args)
         results = harness.run(config)
-        print(harness.finish(results, config.out, "POPE: guard off vs on"))
-        for warning in results["warnings"]:
-            print(f"WARNING: {warning}", file=sys.stderr)
-        print(f"\n{harness.NOTES}\nwrote {config.out}/results.json, results.md, results.png")
+        table = harness.finish(results, config.out, "POPE: guard off vs on")
+        bench_flags.report(table, results, harness.NOTES, config.out)
         return 0
 
     return bench_flags.run_main("benchmarks/pope.py", body)

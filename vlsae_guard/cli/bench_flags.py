@@ -248,3 +248,11 @@ def run_main(prog: str, body: Callable[[], int]) -> int:
         return body()
     except EXPECTED_ERRORS as e:
         return fail(prog, e)
+
+
+def report(table: str, results: dict, notes: str, out: Path) -> None:
+    """What a benchmark script prints at the end: the table, its warnings (stderr), the notes."""
+    print(table)
+    for warning in results["warnings"]:
+        print(f"WARNING: {warning}", file=sys.stderr)
+    print(f"\n{notes}\nwrote {out}/results.json, results.md, results.png")
