@@ -213,3 +213,29 @@ def test_without_configuration_nothing_is_attached(unconfigured_llm):
 def test_a_guard_request_to_an_unconfigured_engine_is_refused(unconfigured_llm, tiny_images, ask):
     with pytest.raises(ValueError, match="no guard"):
         ask(unconfigured_llm, tiny_images[:1], True)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "says"),
+    [
+        ({"size": {"shortest_edge": 56}}, "expected only 'vlsae_guard'"),
+        ({"alpha": float("nan")}, "a server setting, fixed when the server starts"),
+        ({REQUEST_KEY: None}, "expected true or false, found null"),
+    ],
+    ids=["size", "alpha", "switch-null"],
+)
+def test_offline_requests_are_checked_as_the_server_checks_them(
+    guarded_llm, vllm_case, kwargs, says
+):
+    """The offline engine refuses what the server refuses, and answers the next request."""
+    from vlsae_guard.serving.settings import RequestKwargsError
+
+    request = {
+        "prompt": vllm_case.prompt,
+        "multi_modal_data": {"image": FRESH[0]},
+        "mm_processor_kwargs": kwargs,
+    }
+    with pytest.raises(RequestKwargsError, match=says):
+        guarded_llm.generate([request], use_tqdm=False)
+    answer = generate_offline(guarded_llm, FRESH[:1], [vllm_case.prompt], guard=False)
+    assert answer[0].token_ids

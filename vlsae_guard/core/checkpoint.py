@@ -200,7 +200,7 @@ def check_module(module: torch.nn.Module, where: str) -> None:
 
 
 def check_compatible(
-    sae: SparseAutoencoder,
+    config: SAEConfig,
     site: str,
     needed_by: str,
     projector_width: int | None = None,
@@ -209,10 +209,11 @@ def check_compatible(
     """Refuse an SAE trained at another ``site`` than ``needed_by`` (a mode, a server) needs,
     or, given ``projector_width``, one over another projector's outputs (:class:`ValueError`).
 
-    ``guard()`` and the vLLM plugin both check through here, so they refuse the same SAEs with
-    the same words; an SAE that does not record its site passes the site check.
+    ``guard()``, the vLLM plugin and ``serve`` (before it starts, from ``config.json`` alone)
+    all check through here, so they refuse the same SAEs with the same words; an SAE that does
+    not record its site passes the site check.
     """
-    source, d_in = sae.config.source, sae.config.d_in
+    source, d_in = config.source, config.d_in
     if source.site is not None and source.site != site:
         raise ValueError(
             f"{needed_by} needs an SAE trained at site {site!r}; this one was trained at site "

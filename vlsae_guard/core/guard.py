@@ -308,7 +308,7 @@ def _check_fits(backend: Backend, sae: SparseAutoencoder, config: GuardConfig) -
     projector = config.mode == "projector"
     try:
         check_compatible(
-            sae,
+            sae.config,
             "projector" if projector else "layer",
             f"mode {config.mode!r}",
             backend.out_features() if projector else None,

@@ -131,7 +131,7 @@ class _GuardedModel:
         sae = load(settings.sae, device=weight.device, dtype=dtype)
         width = hf_config.text_config.hidden_size
         try:
-            check_compatible(sae, "projector", "the vLLM guard", width, "the projector")
+            check_compatible(sae.config, "projector", "the vLLM guard", width, "the projector")
         except ValueError as e:
             raise PluginConfigError(f"{settings.sae}: {e}") from e
         try:

@@ -26,7 +26,7 @@ from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..core.checkpoint import CONFIG_NAME, read_config, resolve
+from ..core.checkpoint import CONFIG_NAME, check_compatible, read_config, resolve
 from .plugin import GUARDED
 from .settings import ServeSettings
 
@@ -68,16 +68,17 @@ def guarded_architecture(config) -> str:
 
 def check_sae(sae: str, config) -> None:
     """Fail before the server starts if the SAE cannot guard this model (reads config only)."""
-    sae_config = read_config(resolve(sae) / CONFIG_NAME)
     width = config.text_config.hidden_size
-    if sae_config.d_in != width:
-        raise ServeError(
-            f"{sae}: the model's projector outputs width {width}, but the SAE expects "
-            f"d_in={sae_config.d_in}: this SAE was trained for another model"
+    try:
+        check_compatible(
+            read_config(resolve(sae) / CONFIG_NAME),
+            "projector",
+            "the vLLM guard",
+            width,
+            "the model's projector",
         )
-    site = sae_config.source.site
-    if site not in (None, "projector"):
-        raise ServeError(f"{sae}: trained at site {site!r}; the vLLM guard needs 'projector'")
+    except ValueError as e:
+        raise ServeError(f"{sae}: {e}") from e
 
 
 def server_command(
