@@ -300,3 +300,48 @@ def test_an_answer_file_with_records_of_another_key_is_refused(tmp_path):
         f.write('{"image_id": 3}')  # no newline, no question_id
     with pytest.raises(DataError, match=r"a.jsonl:2: not an answer record"):
         AnswerLog(path, "question_id", {"x": 1})
+
+
+def test_every_settings_model_refuses_unknown_fields_and_non_finite_numbers():
+    """Settings people write (flags, files, environment) derive from validation.Settings; the
+    files the package writes back from validation.Record. Nothing else is a pydantic model."""
+    import importlib
+    import inspect
+    import pkgutil
+
+    from pydantic import BaseModel
+
+    import vlsae_guard
+    from vlsae_guard.validation import Record, Settings
+
+    models = []
+    for info in pkgutil.walk_packages(vlsae_guard.__path__, "vlsae_guard."):
+        if info.name.endswith("__main__") or info.name == "vlsae_guard.serving.model":
+            continue  # the CLI's entry, and the module that needs vLLM
+        module = importlib.import_module(info.name)
+        models += [
+            m
+            for m in vars(module).values()
+            if inspect.isclass(m) and issubclass(m, BaseModel) and m.__module__ == module.__name__
+        ]
+    stray = [m.__qualname__ for m in models if not issubclass(m, Settings | Record)]
+    assert models and not stray, stray
+    settings = [m for m in models if issubclass(m, Settings)]
+    assert {"TrainConfig", "CollectConfig", "RunConfig", "GuardConfig", "ServeSettings"} <= {
+        m.__name__ for m in settings
+    }
+    assert all(m.model_config["allow_inf_nan"] is False for m in settings)
+    assert all(m.model_config["extra"] == "forbid" for m in models)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")], ids=["nan", "inf"])
+def test_numbers_in_run_and_train_settings_are_finite(value, tmp_path):
+    from pydantic import ValidationError
+
+    from vlsae_guard.harness.config import PopeRunConfig
+    from vlsae_guard.pipeline.train import TrainConfig
+
+    with pytest.raises(ValidationError, match="finite number"):
+        TrainConfig(store=tmp_path, out=tmp_path / "o", lr=value)
+    with pytest.raises(ValidationError, match="finite number"):
+        PopeRunConfig(model="m", out=tmp_path, temperature=value)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field, FilePath, field_validator
+from pydantic import Field, FilePath, field_validator
 
 from ..core.checkpoint import (
     CONFIG_NAME,
@@ -16,13 +16,12 @@ from ..core.checkpoint import (
     resolve,
 )
 from ..core.sae_config import SAEConfig, Source
+from ..validation import Settings
 from .app import arg, field_arg, field_choices, subcommand, validated, validated_flags
 
 
-class ImportOfficialArgs(BaseModel):
+class ImportOfficialArgs(Settings):
     """The files and k of ``import-official``; the source is validated by :class:`Source`."""
-
-    model_config = ConfigDict(extra="forbid")
 
     sae: FilePath
     aux: FilePath | None = None

@@ -11,11 +11,12 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
-from pydantic import BaseModel, ConfigDict, DirectoryPath, Field, FilePath, model_validator
+from pydantic import DirectoryPath, Field, FilePath, model_validator
 
 from ..concepts.pooled import Pooling
 from ..core.checkpoint import load
 from ..outputs import check_writable, refuse_non_empty
+from ..validation import Settings
 from .app import (
     UsageError,
     arg,
@@ -33,9 +34,7 @@ if TYPE_CHECKING:
     from ..pipeline.store import ActivationStore
 
 
-class _ConceptArgs(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class _ConceptArgs(Settings):
     pooling: Pooling = "mean"  # an image's activation of a concept over its tokens
 
 

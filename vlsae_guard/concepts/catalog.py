@@ -29,13 +29,13 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import ValidationError
 from torch import Tensor
 
 from ..core.sae import SparseAutoencoder
 from ..outputs import write_text, write_with
 from ..pipeline.store import ActivationStore
-from ..validation import describe_validation_error
+from ..validation import Record, describe_validation_error
 from .pooled import ConceptsError, Pooling, iter_pooled
 
 FORMAT = "vlsae-guard/catalog"
@@ -57,11 +57,7 @@ LIFT_SIGMAS = 2.0
 _WORD = re.compile(r"[a-z]+(?:'[a-z]+)?")
 
 
-class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class Item(_Model):
+class Item(Record):
     """One image or caption of a concept's top list."""
 
     pair: int
@@ -72,7 +68,7 @@ class Item(_Model):
     thumbnail: str | None = None  # path relative to the HTML page; None when unreadable
 
 
-class Concept(_Model):
+class Concept(Record):
     concept: int
     label: str
     words: list[str]
@@ -83,7 +79,7 @@ class Concept(_Model):
     captions: list[Item]
 
 
-class Catalog(_Model):
+class Catalog(Record):
     format: Literal["vlsae-guard/catalog"] = FORMAT
     version: Literal[1] = 1
     sae: str

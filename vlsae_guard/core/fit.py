@@ -11,9 +11,9 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict
 from torch import Tensor
 
+from ..validation import FrozenRecord
 from .sae import SparseAutoencoder
 from .sae_config import Modality
 
@@ -57,7 +57,7 @@ class GuardFitWarning(UserWarning):
     """The SAE may not suit the site in use (see :attr:`GuardFit.problem`)."""
 
 
-class GuardFit(BaseModel):
+class GuardFit(FrozenRecord):
     """The SAE's explained variance where it is used, from the first guarded batch.
 
     Explained variance is the training code's: ``1 - sum|x - x_hat|^2 / sum|x - mean x|^2`` over
@@ -69,8 +69,6 @@ class GuardFit(BaseModel):
     Sites are named as ``collect`` names them: ``layer:L`` is the input of decoder layer L, so
     paper mode at ``layer=L`` reads ``layer:L+1`` with ``point="output"`` (the default).
     """
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     site: str  # where the guard reads: "projector" or "layer:L"
     trained_site: str | None  # the checkpoint's source; None where it records none (imported)

@@ -11,9 +11,10 @@ import warnings
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 from torch import Tensor
 
+from ..validation import FrozenSettings
 from .sae import Codes, SparseAutoencoder
 
 # |steer value| bound: concept activations of real SAEs are O(1-100); the bound keeps a typo
@@ -21,14 +22,12 @@ from .sae import Codes, SparseAutoencoder
 MAX_STEER = 1e4
 
 
-class GuardConfig(BaseModel):
+class GuardConfig(FrozenSettings):
     """Guard settings, validated before anything touches the model.
 
     Every number must be finite (NaN and inf are refused on every path: Python, flags, serving)
     and within the range its field states.
     """
-
-    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     mode: Literal["projector", "paper"] = "projector"
     # Strength; by mode: projector 0.5, paper 0.8 (the paper's POPE setting; 0.7 for CHAIR).

@@ -8,18 +8,16 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
+
+from ..validation import FrozenRecord
 
 Architecture = Literal["vl-sae", "sae-v", "sae-d"]
 Modality = Literal["vision", "text"]
 MODALITIES: tuple[Modality, ...] = ("vision", "text")
 
 
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class Source(Strict):
+class Source(FrozenRecord):
     """Where the training representations came from (so a checkpoint is never applied blindly)."""
 
     model_id: str | None = None
@@ -36,7 +34,7 @@ class Source(Strict):
         return self
 
 
-class AuxConfig(Strict):
+class AuxConfig(FrozenRecord):
     """The paper's auxiliary alignment autoencoder: Linear(d -> p) per modality and back."""
 
     d_vision: int = Field(gt=0)
@@ -44,7 +42,7 @@ class AuxConfig(Strict):
     d_proj: int = Field(gt=0)
 
 
-class SAEConfig(Strict):
+class SAEConfig(FrozenRecord):
     """Everything needed to rebuild a sparse autoencoder and to know what it was trained on."""
 
     format_version: Literal[1] = 1

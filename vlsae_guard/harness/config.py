@@ -13,11 +13,12 @@ import sys
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from ..core.intervention import GuardConfig
 from ..scoring import chair, pope
 from ..scoring.stats import DEFAULT_BOOTSTRAP
+from ..validation import Settings
 from .generation import BACKENDS, PROMPT_FORMATS, SERVED
 
 DTYPES = ("auto", "float16", "bfloat16", "float32")
@@ -35,11 +36,7 @@ def _as_str(value: object) -> object:
     return os.fspath(value) if isinstance(value, os.PathLike) else value
 
 
-class _Config(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class RunConfig(_Config):
+class RunConfig(Settings):
     """Model, arms, data, batching, decoding and output of one A/B run (POPE or CHAIR)."""
 
     model: str | None = None  # directory or Hub id; --backend openai: the served name (optional)

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 from torch import Tensor
 
 from ..backends import detect
@@ -29,6 +29,7 @@ from ..core.sae import VLSAE
 from ..core.sae_config import SAEConfig, Source
 from ..harness import pope as pope_harness
 from ..harness.config import PopeRunConfig, RunConfig
+from ..validation import Settings
 from . import tiny
 
 SHAPES = ("circle", "square", "triangle")
@@ -186,11 +187,9 @@ DEMO_NOTE = (
 )
 
 
-class DemoConfig(BaseModel):
+class DemoConfig(Settings):
     """The demo (``benchmarks/pope.py --demo``, ``vlsae-guard demo``): its own tiny model and
     data; of a run's settings only these are the caller's."""
-
-    model_config = ConfigDict(extra="forbid")
 
     out: Path = Path("runs/demo")
     n_images: int = Field(default=24, ge=1)  # generated images, one question per shape each

@@ -26,11 +26,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 from torch import Tensor, nn
 
 from ..backends import Inputs, detect, load, move, num_layers, read_model_config, resolve_dtype
 from ..provenance import environment, sha256_dir
+from ..validation import Settings
 from .distributed import Dist
 from .pairs import DataConfig, ImageError, Pair, PairSource, open_source
 from .store import Header, Manifest, StoreWriter
@@ -40,10 +41,8 @@ log = logging.getLogger(__name__)
 DEFAULT_PAIRS_PER_SHARD = {"mean": 1024, "token": 64, "token_sampled": 512}
 
 
-class CollectConfig(BaseModel):
+class CollectConfig(Settings):
     """Settings of ``vlsae-guard collect`` (a YAML/JSON file, flags, or both)."""
-
-    model_config = ConfigDict(extra="forbid")
 
     model: str  # local folder or Hub id of a LLaVA checkpoint
     out: Path

@@ -20,9 +20,10 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from PIL import Image
-from pydantic import BaseModel, ConfigDict, DirectoryPath, Field, FilePath
+from pydantic import DirectoryPath, Field, FilePath
 
 from ..scoring.files import DataError, read_records
+from ..validation import FrozenSettings
 
 
 class SourceError(ValueError):
@@ -138,11 +139,7 @@ def _to_rgb(image: Any) -> Image.Image:
 # --- configs ------------------------------------------------------------------------------------
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class CocoData(_Strict):
+class CocoData(FrozenSettings):
     """COCO captions: ``captions_train2017.json`` and the ``train2017/`` image folder."""
 
     format: Literal["coco"] = "coco"
@@ -152,7 +149,7 @@ class CocoData(_Strict):
     captions: Literal["all", "first"] = "all"
 
 
-class JsonlData(_Strict):
+class JsonlData(FrozenSettings):
     """One ``{"image": path, "caption": text}`` object per line (``"id"`` optional)."""
 
     format: Literal["jsonl"] = "jsonl"
@@ -161,7 +158,7 @@ class JsonlData(_Strict):
     image_root: DirectoryPath | None = None
 
 
-class HFData(_Strict):
+class HFData(FrozenSettings):
     """A Hugging Face dataset: a Hub name, or a folder written by ``save_to_disk``."""
 
     format: Literal["hf"] = "hf"

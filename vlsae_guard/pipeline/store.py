@@ -25,13 +25,13 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import Field, ValidationError
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
 from ..outputs import write_text, write_with
-from ..validation import describe_validation_error
+from ..validation import Record, describe_validation_error
 
 log = logging.getLogger(__name__)
 FORMAT = "vlsae-guard/activations"
@@ -62,11 +62,7 @@ class StoreError(ValueError):
     """A store that cannot be read or resumed; the message names the file and the problem."""
 
 
-class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class ShardInfo(_Model):
+class ShardInfo(Record):
     index: int = Field(ge=0)
     file: str
     start: int = Field(ge=0)
@@ -77,13 +73,13 @@ class ShardInfo(_Model):
     text_rows: int = Field(ge=0)
 
 
-class Skipped(_Model):
+class Skipped(Record):
     index: int
     id: str
     reason: str
 
 
-class Counts(_Model):
+class Counts(Record):
     pairs: int = 0  # pairs in finished shards (kept + skipped)
     kept: int = 0
     skipped: int = 0
@@ -92,7 +88,7 @@ class Counts(_Model):
     skipped_by_reason: dict[str, int] = Field(default_factory=dict)
 
 
-class Header(_Model):
+class Header(Record):
     """Everything fixed before the first shard: what the rows are and where they come from."""
 
     format: Literal["vlsae-guard/activations"] = FORMAT

@@ -16,10 +16,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, model_validator
 
 from ..core.intervention import GuardConfig
-from ..validation import describe_validation_error
+from ..validation import FrozenSettings, describe_validation_error
 
 PREFIX = "VLSAE_GUARD_"
 ENV_SAE = PREFIX + "SAE"  # checkpoint directory or Hub id; enables the guard
@@ -64,10 +64,8 @@ class RequestKwargsError(ValueError):
     """A request's ``mm_processor_kwargs`` are refused (HTTP 400); the message names the key."""
 
 
-class ServeSettings(BaseModel):
+class ServeSettings(FrozenSettings):
     """What the guarded vLLM model does; ``sae=None`` means nothing at all."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     sae: str | None = None
     guard: GuardConfig = Field(default_factory=GuardConfig)

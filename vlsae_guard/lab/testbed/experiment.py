@@ -34,13 +34,14 @@ from ...pipeline.collect import CollectConfig, collect
 from ...pipeline.pairs import JsonlData
 from ...pipeline.train import AlignConfig, TrainConfig, train
 from ...scoring.stats import discordant, mcnemar_p
+from ...validation import FrozenSettings
 from .model import ModelConfig, TrainingConfig, trained_model
-from .world import QUESTION_SETS, Statistics, World, WorldConfig, _Strict, build_world
+from .world import QUESTION_SETS, Statistics, World, WorldConfig, build_world
 
 METRICS = ("f1", "precision", "recall", "accuracy", "yes_ratio")
 
 
-class SAESettings(_Strict):
+class SAESettings(FrozenSettings):
     """The VL-SAEs: what is collected and how ``vlsae-guard train`` is run on it."""
 
     pairs: int = Field(default=600, ge=2)  # training images (with their captions) collected
@@ -54,7 +55,7 @@ class SAESettings(_Strict):
     align_lr: float = Field(default=1e-3, gt=0)
 
 
-class Variant(_Strict):
+class Variant(FrozenSettings):
     """One way of guarding; its alpha is chosen on the validation split."""
 
     name: str
@@ -77,7 +78,7 @@ DEFAULT_VARIANTS = (
 )
 
 
-class EvalConfig(_Strict):
+class EvalConfig(FrozenSettings):
     variants: tuple[Variant, ...] = DEFAULT_VARIANTS
     alphas: tuple[float, ...] = (0.25, 0.5, 1.0)
     batch_size: int = Field(default=64, ge=1)
@@ -93,7 +94,7 @@ class EvalConfig(_Strict):
         return self
 
 
-class ExperimentConfig(_Strict):
+class ExperimentConfig(FrozenSettings):
     world: WorldConfig = WorldConfig()
     model: ModelConfig = ModelConfig()
     training: TrainingConfig = TrainingConfig()

@@ -30,14 +30,15 @@ from pydantic import Field
 from ...pipeline.train import warmup_cosine
 from ...provenance import sha256_dir
 from ...scoring.pope import build_prompt
+from ...validation import FrozenSettings
 from .. import tiny
-from .world import QUESTION, Scene, World, _Strict
+from .world import QUESTION, Scene, World
 
 CAPTION_PROMPT = "Describe this image."
 CACHE_FORMAT = 1  # bump when training changes in a way the configs do not show
 
 
-class ModelConfig(_Strict):
+class ModelConfig(FrozenSettings):
     """Sizes of the LLaVA (the image size comes from the world); text head_dim must be >= 32
     because vLLM's CPU attention rejects smaller heads."""
 
@@ -59,7 +60,7 @@ class ModelConfig(_Strict):
         return tiny.TinySizes(image_size=image_size, **self.model_dump())
 
 
-class TrainingConfig(_Strict):
+class TrainingConfig(FrozenSettings):
     steps: int = Field(default=2000, ge=1)
     batch_size: int = Field(default=32, ge=1)
     lr: float = Field(default=1.5e-3, gt=0)

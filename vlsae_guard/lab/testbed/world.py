@@ -28,7 +28,9 @@ from typing import Literal
 
 import numpy as np
 from PIL import Image, ImageDraw
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
+
+from ...validation import FrozenSettings
 
 COLOURS = {
     "red": (215, 50, 45),
@@ -53,11 +55,7 @@ CAPTIONS = (
 )
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class ObjectClass(_Strict):
+class ObjectClass(FrozenSettings):
     name: str  # one word of the tiny tokenizer's vocabulary
     shape: Literal["circle", "square", "triangle", "ring"]
     colour: Literal["red", "green", "blue", "yellow", "orange", "purple", "pink", "cyan"]
@@ -76,7 +74,7 @@ DEFAULT_CLASSES = (
 )
 
 
-class WorldConfig(_Strict):
+class WorldConfig(FrozenSettings):
     """Everything a world is generated from (with the seed)."""
 
     classes: tuple[ObjectClass, ...] = DEFAULT_CLASSES

@@ -10,9 +10,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
 from ...core.sae_config import Architecture, AuxConfig, SAEConfig, Source
+from ...validation import Settings
 
 # Fields that do not change what is computed (only where and how visibly).
 RESUME_MAY_CHANGE = frozenset({"progress", "device", "amp", "checkpoint_every", "out", "store"})
@@ -22,11 +23,7 @@ class TrainError(ValueError):
     """Training cannot start or resume; the message says why."""
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class AlignConfig(_Strict):
+class AlignConfig(Settings):
     """Stage 1: the auxiliary alignment autoencoder (Linear d_m -> d_proj per modality, back).
 
     Loss: symmetric InfoNCE between paired vision and text projections + MSE reconstruction of
@@ -46,7 +43,7 @@ class AlignConfig(_Strict):
     patience: int = Field(default=10, ge=1)
 
 
-class TrainConfig(_Strict):
+class TrainConfig(Settings):
     """Stage 2 (the SAE) and the run; ``align`` switches stage 1 on."""
 
     store: Path
