@@ -152,7 +152,7 @@ def pope_parser() -> argparse.ArgumentParser:
         "--demo",
         action="store_true",
         help="build a tiny LLaVA, a VL-SAE, images and questions here and run the A/B "
-        "end to end (offline, CPU, about a minute)",
+        "end to end (offline, CPU, about 10 s)",
     )
     return p
 
