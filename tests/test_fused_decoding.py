@@ -12,6 +12,7 @@ from vlsae_guard import GuardConfig, guard
 from vlsae_guard.backends import detect
 from vlsae_guard.core.guard import GuardError
 from vlsae_guard.core.paper import PaperIntervention
+from vlsae_guard.decoding import DecodingOptions, SeparateArms, Stream, decode
 
 LAYER = 1
 PROMPTS = [
@@ -162,3 +163,28 @@ def test_unsupported_generate_arguments_are_refused(
     model, _ = hf_model_and_processor
     with pytest.raises(GuardError, match=message):
         paper(model, layer_sae, batch, max_new_tokens=2, **argument)
+
+
+def test_each_arm_decodes_as_generate_does(hf_model_and_processor, batch):
+    """Two streams with their own prompts (arm b: the text alone, other lengths): following
+    either arm's logits reproduces model.generate on that arm's prompts."""
+    model, processor = hf_model_and_processor
+    tok = processor.tokenizer
+    side, tok.padding_side = tok.padding_side, "left"
+    try:
+        text = dict(
+            tok([p.replace("<image>\n", "") for p in PROMPTS], return_tensors="pt", padding=True)
+        )
+    finally:
+        tok.padding_side = side
+    options = DecodingOptions.resolve(model, max_new_tokens=6, do_sample=False)
+    followed = {}
+    with torch.no_grad():
+        for arm, prompt in (("a", batch), ("b", text)):
+            arms = SeparateArms(Stream(model, batch), Stream(model, text))
+            follow = (lambda a, b, step: a) if arm == "a" else (lambda a, b, step: b)
+            ours = decode(arms, follow, options)[:, batch["input_ids"].shape[1] :]
+            theirs = model.generate(**prompt, max_new_tokens=6, do_sample=False)
+            assert ours.tolist() == theirs[:, prompt["input_ids"].shape[1] :].tolist(), arm
+            followed[arm] = ours.tolist()
+    assert followed["a"] != followed["b"]
