@@ -118,6 +118,14 @@ def tiny_sae_dir(tmp_path_factory) -> Path:
     return directory
 
 
+@pytest.fixture(scope="session")
+def layer_sae():
+    """A random VL-SAE of the tiny models' width for paper mode (decoder-layer states)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(3)
+        return VLSAE(SAEConfig(d_in=64, n_concepts=128, k=8)).eval()
+
+
 # --- README.md's code blocks ------------------------------------------------------------------
 
 

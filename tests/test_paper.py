@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from vlsae_guard import VLSAE, SAEConfig, guard
+from vlsae_guard import guard
 from vlsae_guard.backends import detect
 
 LAYER, ALPHA, BETA, C_ALPHA, C_BETA = 1, 0.8, 0.9, 0.6, 0.8
@@ -16,9 +16,8 @@ QUESTION = "USER: <image>\nIs there a dog in the image? ASSISTANT:"
 
 
 @pytest.fixture(scope="module")
-def sae():
-    torch.manual_seed(3)
-    return VLSAE(SAEConfig(d_in=64, n_concepts=128, k=8)).eval()
+def sae(layer_sae):
+    return layer_sae
 
 
 @pytest.fixture(scope="module")

@@ -103,6 +103,14 @@ class Backend:
     def language_model(self) -> nn.Module:
         raise NotImplementedError
 
+    def prompt_inputs(self, inputs: dict[str, Any]) -> dict[str, Any]:
+        """generate()'s model inputs as the forward of the prompt takes them (fused decoding).
+
+        transformers' models take them as they are; a family that splices images before its
+        forward returns the spliced ``inputs_embeds`` and their attention mask instead.
+        """
+        return inputs
+
     def decoder_layers(self) -> nn.ModuleList:
         lm = self.language_model()
         for owner in (lm, getattr(lm, "model", None)):

@@ -93,6 +93,20 @@ class OriginalLlava(Backend):
 
         return wrap_method(self.model, _PREPARE, make)
 
+    def prompt_inputs(self, inputs: dict) -> dict:
+        # As the package's generate(): images spliced (or text embedded) before the forward.
+        inputs = dict(inputs)
+        ids, images = inputs.pop("input_ids"), inputs.pop("images", None)
+        sizes, mask = inputs.pop("image_sizes", None), inputs.pop("attention_mask", None)
+        position = inputs.pop("position_ids", None)
+        if images is None:
+            embeds = self.model.get_model().embed_tokens(ids)
+        else:
+            _, position, mask, _, embeds, _ = getattr(self.model, _PREPARE)(
+                ids, position, mask, None, None, images, image_sizes=sizes
+            )
+        return {**inputs, "inputs_embeds": embeds, "attention_mask": mask, "position_ids": position}
+
     def images_per_sample(self, prompt: Prompt, tokens_per_row: int) -> Tensor:
         # One placeholder token per image; the original code hands a text-only sample one image
         # row too (it consumes and discards it), so such a sample owns one group.

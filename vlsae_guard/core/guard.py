@@ -24,6 +24,7 @@ from pydantic import ValidationError
 from torch import Tensor, nn
 
 from ..backends import Backend, Prompt, detect
+from ..decoding import DecodingOptions, SharedBatch, Stream, decode, doubled, split_generate_kwargs
 from .checkpoint import CheckpointError, check_compatible, check_module, load
 from .fit import DEFAULT_MIN_FIT, GuardFit, GuardFitWarning, measure_fit
 from .intervention import GuardConfig, ProjectorIntervention
@@ -102,28 +103,37 @@ class GuardHandle:
 
     @torch.no_grad()
     def generate(self, *args, **kwargs):
-        """``model.generate`` with this guard; in paper mode, with contrastive logit fusion.
+        """``model.generate`` with this guard; in paper mode, fused decoding.
 
-        Paper mode doubles the batch (plain rows, then guarded rows) and fuses their logits
-        each step, so both halves follow the same tokens; only the guarded half is returned.
+        Paper mode decodes a doubled batch (plain rows, then guarded rows) with the decoding
+        engine (:mod:`vlsae_guard.decoding`): each step fuses the two halves' logits, chooses
+        one token per sample (greedy, or sampled: ``seed`` or ``generator`` besides generate()'s
+        arguments) and feeds it to both, so the fusion always compares the same prefix.
+        Returns what ``model.generate`` would: the fused sequences.
         """
         if self.paper is None or not self.enabled or not self.attached:
             return self.model.generate(*args, **kwargs)
-        batch = _batch_size(args, kwargs)
-        args = tuple(_double(a) for a in args)
-        kwargs = {k: _double(v) for k, v in kwargs.items()}
-        processors = list(kwargs.pop("logits_processor", None) or [])
-        fusion = FusionProcessor(self.config.c_alpha, self.config.c_beta)
-        kwargs["logits_processor"] = [fusion, *processors]
-        if self.config.exact:
-            kwargs["use_cache"] = False
-        self.paper.fused_rows = batch
+        inputs, decoding = split_generate_kwargs(_prompt_inputs(args, kwargs))
+        generator = decoding.pop("generator", None)
+        processors = decoding.pop("logits_processor", None) or ()
         try:
-            out = self.model.generate(*args, **kwargs)
+            options = DecodingOptions.resolve(self.model, **decoding)
+        except (ValueError, ValidationError) as e:
+            raise GuardError(f"paper-mode generate(): {e}") from e
+        if self.config.exact:
+            options = options.model_copy(update={"use_cache": False})
+        self.paper.fused_rows = inputs["input_ids"].shape[0]
+        try:
+            prompt = self.backend.prompt_inputs({k: doubled(v) for k, v in inputs.items()})
+            try:
+                stream = Stream(self.model, prompt, use_cache=options.use_cache)
+            except ValueError as e:
+                raise GuardError(f"paper-mode generate() on {self.backend.name}: {e}") from e
+            fusion = FusionProcessor(self.config.c_alpha, self.config.c_beta)
+            return decode(SharedBatch(stream), fusion.fuse, options, generator, processors)
         finally:
             self.paper.fused_rows = None
             self.paper.end()
-        return _first_half(out, batch)
 
     def remove(self) -> None:
         """Detach every hook; calling it again is a no-op."""
@@ -338,28 +348,15 @@ def _check_fits(backend: Backend, sae: SparseAutoencoder, config: GuardConfig) -
         )
 
 
-def _batch_size(args, kwargs) -> int:
-    ids = args[0] if args else kwargs.get("input_ids", kwargs.get("inputs"))
+def _prompt_inputs(args, kwargs) -> dict:
+    """generate()'s arguments with the prompt's token ids as ``input_ids``."""
+    if len(args) > 1:
+        raise GuardError(
+            f"paper-mode generate() takes the input ids as its only positional argument, got "
+            f"{len(args)}; pass the rest by keyword"
+        )
+    kwargs = dict(kwargs)
+    ids = args[0] if args else kwargs.pop("input_ids", kwargs.pop("inputs", None))
     if not torch.is_tensor(ids):
         raise GuardError("paper-mode generate() needs input_ids (a tensor) as its first input")
-    return ids.shape[0]
-
-
-def _double(value):
-    """Repeat batched inputs (tensors, lists) so rows [:B] run plain and rows [B:] guarded."""
-    if torch.is_tensor(value) and value.dim() > 0:
-        return torch.cat([value, value])
-    if isinstance(value, list | tuple):
-        return value + value
-    return value
-
-
-def _first_half(out, batch: int):
-    if torch.is_tensor(out):
-        return out[:batch]
-    out.sequences = out.sequences[:batch]
-    for name in ("scores", "logits"):
-        steps = getattr(out, name, None)
-        if steps is not None:
-            setattr(out, name, tuple(step[:batch] for step in steps))
-    return out
+    return {**kwargs, "input_ids": ids}

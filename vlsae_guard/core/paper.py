@@ -5,7 +5,8 @@ positions after the image. Both go through the auxiliary AE and the SAE; the tex
 towards the vision code, ``z_t' = (1 - beta) z_t + beta z_v``, decoded back, and every text
 position after the image is shifted by ``t_new - t_bar`` with
 ``t_new = (1 - alpha) t_bar + alpha aux_dec(D_text(z_t'))``. Generation fuses plain and guarded
-logits (:class:`FusionProcessor`).
+logits (:class:`FusionProcessor`) in the decoding engine (:mod:`vlsae_guard.decoding`): one batch
+of 2B rows, the shift applied to rows [B:], one token per sample fed to both halves.
 
 The official code re-runs the whole sequence twice per new token. Here the unshifted layer-L
 states are summed as they arrive: they do not depend on any shift (the shift happens at layer L),
@@ -137,24 +138,25 @@ class PaperState:
 
 
 class FusionProcessor:
-    """Contrastive fusion of a doubled batch: rows [:B] plain, rows [B:] guarded.
-
-    A logits processor in transformers' calling convention (duck-typed, so importing the
-    package does not import transformers).
+    """Paper mode's contrastive fusion of plain and guarded logits.
 
     ``fused = (1 - c_alpha) plain + c_alpha guarded``; tokens whose plain logit is below
-    ``log(c_beta) + max(plain)`` are excluded. Both halves get the fused scores, so they
-    choose the same next token.
+    ``log(c_beta) + max(plain)`` are excluded. :meth:`fuse` is the fusion the decoding engine
+    calls; calling the object applies it to a doubled batch (rows [:B] plain, rows [B:] guarded)
+    in transformers' logits-processor convention and gives both halves the fused scores.
     """
 
     def __init__(self, c_alpha: float, c_beta: float):
         self.c_alpha = c_alpha
         self.log_c_beta = math.log(c_beta)
 
-    def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
-        b = scores.shape[0] // 2
-        plain, guarded = scores[:b], scores[b:]
+    def fuse(self, plain: Tensor, guarded: Tensor, step: int = 0) -> Tensor:
+        """(B, vocab) fused scores of one step (the same at every step)."""
         fused = torch.lerp(plain, guarded, self.c_alpha)
         cutoff = plain.max(-1, keepdim=True).values + self.log_c_beta
-        fused = fused.masked_fill(plain < cutoff, float("-inf"))
+        return fused.masked_fill(plain < cutoff, float("-inf"))
+
+    def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
+        b = scores.shape[0] // 2
+        fused = self.fuse(scores[:b], scores[b:])
         return torch.cat([fused, fused])
