@@ -1,7 +1,8 @@
-"""Fused decoding for two-arm methods: the arms (:mod:`.arms`) and the loop (:mod:`.engine`).
+"""Fused decoding for two-arm methods: the arms (:mod:`.arms`), the loop (:mod:`.engine`), the
+peers' fusions (:mod:`.fusions`) and their counterfactual inputs (:mod:`.counterfactuals`).
 
-The fusions themselves are pure functions ``fuse(logits_a, logits_b, step) -> scores`` that
-live with their methods (paper mode: :meth:`vlsae_guard.core.paper.FusionProcessor.fuse`).
+A fusion is a pure function ``fuse(logits_a, logits_b, step) -> scores``; paper mode's lives
+with its method (:meth:`vlsae_guard.core.paper.FusionProcessor.fuse`).
 """
 
 from .arms import Arms, SeparateArms, SharedBatch, Stream, doubled
