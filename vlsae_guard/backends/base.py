@@ -111,6 +111,34 @@ class Backend:
         """
         return inputs
 
+    pixel_key: str = "pixel_values"  # generate()'s image input: its pixels (a tensor or list)
+
+    def image_token_id(self) -> int:
+        """The id that marks where image features go in the prompt's ``input_ids``."""
+        raise NotImplementedError
+
+    def without_images(self, inputs: dict[str, Any]) -> dict[str, Any]:
+        """generate()'s model inputs for the same prompts without their images (the text-only
+        arm of M3ID and PAI): image placeholders dropped, rows left-padded again, pixels and
+        image sizes removed; everything else in each row unchanged."""
+        ids, mask = inputs["input_ids"], inputs.get("attention_mask")
+        if mask is None:
+            mask = torch.ones_like(ids)
+        keep = (ids != self.image_token_id()) & mask.bool()
+        if (keep == mask.bool()).all():
+            raise ValueError("the prompts hold no image placeholder: the text-only arm is arm a")
+        width = int(keep.sum(1).max())
+        pad = int(ids[~mask.bool()][0]) if (~mask.bool()).any() else 0
+        new_ids = torch.full((ids.shape[0], width), pad, dtype=ids.dtype, device=ids.device)
+        new_mask = torch.zeros_like(new_ids, dtype=mask.dtype)
+        for row, kept in enumerate(keep):
+            tokens = ids[row, kept]
+            new_ids[row, width - len(tokens) :] = tokens
+            new_mask[row, width - len(tokens) :] = 1
+        image_inputs = {self.pixel_key, "image_sizes", "pixel_values", "position_ids"}
+        rest = {k: v for k, v in inputs.items() if k not in image_inputs}
+        return {**rest, "input_ids": new_ids, "attention_mask": new_mask}
+
     def decoder_layers(self) -> nn.ModuleList:
         lm = self.language_model()
         for owner in (lm, getattr(lm, "model", None)):

@@ -69,6 +69,9 @@ class HFLlava(Backend):
     def language_model(self) -> nn.Module:
         return _find(self.model, "language_model")
 
+    def image_token_id(self) -> int:
+        return _image_token_id(self.model)
+
     def capture_prompt(self, sink: PromptSink) -> Callable[[], None]:
         # The projector runs inside forward() when it is given pixel_values, but generate()
         # (transformers >= 5) encodes the images before its first forward: catch both.

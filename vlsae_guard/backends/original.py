@@ -35,6 +35,7 @@ _PREPARE = "prepare_inputs_labels_for_multimodal"
 
 class OriginalLlava(Backend):
     name = "llava"
+    pixel_key = "images"
 
     @classmethod
     def matches(cls, model: nn.Module) -> bool:
@@ -48,6 +49,9 @@ class OriginalLlava(Backend):
 
     def language_model(self) -> nn.Module:
         return self.model.get_model()
+
+    def image_token_id(self) -> int:
+        return IMAGE_TOKEN_INDEX
 
     def capture_prompt(self, sink: PromptSink) -> Callable[[], None]:
         def before(input_ids, attention_mask, images) -> None:

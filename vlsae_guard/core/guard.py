@@ -24,7 +24,7 @@ from pydantic import ValidationError
 from torch import Tensor, nn
 
 from ..backends import Backend, Prompt, detect
-from ..decoding import DecodingOptions, SharedBatch, Stream, decode, doubled, split_generate_kwargs
+from ..decoding import DecodingOptions, SharedBatch, Stream, doubled, fused_generate
 from .checkpoint import CheckpointError, check_compatible, check_module, load
 from .fit import DEFAULT_MIN_FIT, GuardFit, GuardFitWarning, measure_fit
 from .intervention import GuardConfig, ProjectorIntervention
@@ -101,6 +101,11 @@ class GuardHandle:
                 self._undo.append(self.backend.capture_prompt(self._on_prompt))
         _ACTIVE[self.model] = self
 
+    @property
+    def method(self) -> str:
+        """The inference method's name (:mod:`vlsae_guard.methods`): ``vlsae`` or ``paper``."""
+        return "paper" if self.config.mode == "paper" else "vlsae"
+
     @torch.no_grad()
     def generate(self, *args, **kwargs):
         """``model.generate`` with this guard; in paper mode, fused decoding.
@@ -113,27 +118,23 @@ class GuardHandle:
         """
         if self.paper is None or not self.enabled or not self.attached:
             return self.model.generate(*args, **kwargs)
-        inputs, decoding = split_generate_kwargs(_prompt_inputs(args, kwargs))
-        generator = decoding.pop("generator", None)
-        processors = decoding.pop("logits_processor", None) or ()
+        overrides = {"use_cache": False} if self.config.exact else {}
+        fusion = FusionProcessor(self.config.c_alpha, self.config.c_beta)
         try:
-            options = DecodingOptions.resolve(self.model, **decoding)
+            return fused_generate(
+                self.model, args, kwargs, self._paper_arms, fusion.fuse, **overrides
+            )
         except (ValueError, ValidationError) as e:
-            raise GuardError(f"paper-mode generate(): {e}") from e
-        if self.config.exact:
-            options = options.model_copy(update={"use_cache": False})
-        self.paper.fused_rows = inputs["input_ids"].shape[0]
-        try:
-            prompt = self.backend.prompt_inputs({k: doubled(v) for k, v in inputs.items()})
-            try:
-                stream = Stream(self.model, prompt, use_cache=options.use_cache)
-            except ValueError as e:
-                raise GuardError(f"paper-mode generate() on {self.backend.name}: {e}") from e
-            fusion = FusionProcessor(self.config.c_alpha, self.config.c_beta)
-            return decode(SharedBatch(stream), fusion.fuse, options, generator, processors)
+            raise GuardError(f"paper-mode generate() on {self.backend.name}: {e}") from e
         finally:
             self.paper.fused_rows = None
             self.paper.end()
+
+    def _paper_arms(self, inputs: dict, options: DecodingOptions) -> SharedBatch:
+        """One stream of 2B rows: plain rows [:B], the rows the paper shift acts on [B:]."""
+        self.paper.fused_rows = inputs["input_ids"].shape[0]
+        prompt = self.backend.prompt_inputs({k: doubled(v) for k, v in inputs.items()})
+        return SharedBatch(Stream(self.model, prompt, use_cache=options.use_cache))
 
     def remove(self) -> None:
         """Detach every hook; calling it again is a no-op."""
@@ -346,17 +347,3 @@ def _check_fits(backend: Backend, sae: SparseAutoencoder, config: GuardConfig) -
             "package's generate() cannot do (it starts from inputs_embeds); use the transformers "
             "backend or exact=False"
         )
-
-
-def _prompt_inputs(args, kwargs) -> dict:
-    """generate()'s arguments with the prompt's token ids as ``input_ids``."""
-    if len(args) > 1:
-        raise GuardError(
-            f"paper-mode generate() takes the input ids as its only positional argument, got "
-            f"{len(args)}; pass the rest by keyword"
-        )
-    kwargs = dict(kwargs)
-    ids = args[0] if args else kwargs.pop("input_ids", kwargs.pop("inputs", None))
-    if not torch.is_tensor(ids):
-        raise GuardError("paper-mode generate() needs input_ids (a tensor) as its first input")
-    return {**kwargs, "input_ids": ids}

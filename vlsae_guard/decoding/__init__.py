@@ -7,16 +7,20 @@ with its method (:meth:`vlsae_guard.core.paper.FusionProcessor.fuse`).
 
 from .arms import Arms, SeparateArms, SharedBatch, Stream, doubled
 from .engine import (
+    ArmsFactory,
     DecodingOptions,
     Fusion,
     StepCallback,
     decode,
+    fused_generate,
+    generate_inputs,
     generators,
     split_generate_kwargs,
 )
 
 __all__ = [
     "Arms",
+    "ArmsFactory",
     "DecodingOptions",
     "Fusion",
     "SeparateArms",
@@ -24,6 +28,8 @@ __all__ = [
     "StepCallback",
     "Stream",
     "decode",
+    "fused_generate",
+    "generate_inputs",
     "doubled",
     "generators",
     "split_generate_kwargs",

@@ -193,3 +193,40 @@ def split_generate_kwargs(kwargs: dict[str, Any]) -> tuple[dict[str, Any], dict[
     own |= {"generation_config", "generator", "logits_processor", "stopping_criteria", "streamer"}
     inputs = {k: v for k, v in kwargs.items() if k not in own}
     return inputs, {k: v for k, v in kwargs.items() if k in own}
+
+
+def generate_inputs(args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """generate()'s arguments with the prompt's token ids as ``input_ids`` (given positionally,
+    as ``input_ids`` or as ``inputs``); raises ValueError otherwise."""
+    if len(args) > 1:
+        raise ValueError(
+            f"generate() takes the input ids as its only positional argument, got {len(args)}; "
+            "pass the rest by keyword"
+        )
+    kwargs = dict(kwargs)
+    ids = args[0] if args else kwargs.pop("input_ids", kwargs.pop("inputs", None))
+    if not torch.is_tensor(ids):
+        raise ValueError("generate() needs input_ids (a tensor) as its first input")
+    return {**kwargs, "input_ids": ids}
+
+
+# arms_for(model inputs, resolved options) -> the two arms of one generate() call.
+ArmsFactory = Callable[[dict[str, Any], DecodingOptions], Arms]
+
+
+def fused_generate(
+    model, args: tuple, kwargs: dict[str, Any], arms_for: ArmsFactory, fuse: Fusion, **overrides
+) -> Any:
+    """A two-arm method's ``generate(*args, **kwargs)``: the arguments split into model inputs
+    and decoding options (``overrides`` win, e.g. ``use_cache=False``), then :func:`decode`.
+
+    Raises ValueError (pydantic's included) for arguments the engine cannot honour, before any
+    forward pass.
+    """
+    inputs, decoding = split_generate_kwargs(generate_inputs(args, kwargs))
+    generator = decoding.pop("generator", None)
+    processors = decoding.pop("logits_processor", None) or ()
+    options = DecodingOptions.resolve(model, **decoding)
+    if overrides:
+        options = options.model_copy(update=overrides)
+    return decode(arms_for(inputs, options), fuse, options, generator, processors)
