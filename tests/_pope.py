@@ -51,7 +51,7 @@ def run_config(inputs, model, out, **fields):
 
 
 def answers(out, arm):
-    path = out / "answers" / f"guard-{arm}" / "questions.jsonl"
+    path = out / "answers" / f"{arm}" / "questions.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 

@@ -45,10 +45,10 @@ def test_chair_ab_run(coco, tiny_hf_dir, tmp_path):
     assert saved["settings"]["decoding"]["max_new_tokens"] == 24
     assert saved["settings"]["ground_truth"]["kind"] == "shipped"
     gt = chair.shipped_ground_truth()
-    for arm in ("off", "on"):
+    for arm in ("none", "vlsae"):
         rows = [
             json.loads(line)
-            for line in (tmp_path / "answers" / f"guard-{arm}" / "chair500.jsonl")
+            for line in (tmp_path / "answers" / f"{arm}" / "chair500.jsonl")
             .read_text()
             .splitlines()
         ]
@@ -59,7 +59,7 @@ def test_chair_ab_run(coco, tiny_hf_dir, tmp_path):
         empty = saved[arm].pop("empty")
         assert saved[arm] == pytest.approx(expected)
         assert empty == sum(not r["caption"].strip() for r in rows)
-        details = (tmp_path / f"chair_details_guard-{arm}.jsonl").read_text().splitlines()
+        details = (tmp_path / f"chair_details_{arm}.jsonl").read_text().splitlines()
         assert len(details) == 3
     comparison = saved["comparison"]
     for metric in chair.METRICS:

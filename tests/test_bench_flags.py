@@ -19,7 +19,7 @@ from vlsae_guard.harness.config import ChairRunConfig, PopeRunConfig
 from vlsae_guard.lab.demo import DemoConfig
 
 ROOT = Path(__file__).resolve().parents[1]
-NOT_FLAGS = {"guard", "command"}  # the guard comes from the --vlsae-* flags; command from argv
+NOT_FLAGS = {"guard", "command", "method_settings"}  # --vlsae-*, argv, --{method}-* flags
 
 
 def field_flags(parser: argparse.ArgumentParser, config) -> dict[str, argparse.Action]:
@@ -60,13 +60,18 @@ def test_flags_and_fields_build_the_same_config(tmp_path):
         batch_size=2, limit=5, out=tmp_path, strict=True,
     )  # fmt: skip
     assert from_flags == typed
-    assert typed.prompt_format == "llava" and typed.arms == ("off", "on")
+    assert typed.prompt_format == "llava" and typed.arms == ("none", "vlsae")
 
 
 @pytest.mark.parametrize(
     "fields, message",
     [
-        ({"ab": True}, "--ab needs --sae DIR"),
+        ({"ab": True}, "--ab compares none with a method"),
+        ({"ab": ("vlsae", "paper"), "sae": "s"}, "one SAE method per run"),
+        ({"method": "vlsae"}, "--method vlsae needs --sae DIR"),
+        ({"method": "vcd", "sae": "s"}, "--sae is used by vlsae and paper, not by vcd"),
+        ({"method": "vcd", "method_settings": {"vcd": {"alpha": -1}}}, "invalid vcd settings"),
+        ({"method": "paper", "sae": "s", "guard": GuardConfig()}, "runs the guard in mode"),
         ({"guard": GuardConfig()}, "guard settings (--vlsae-*) need --sae DIR"),
         ({"engine_args": [1]}, "--engine-args: expected a JSON object, found [1]"),
         ({"backend": "llava", "prompt_format": "chat-template"}, "LLaVA's own conversation"),
@@ -80,7 +85,7 @@ def test_typed_configs_refuse_what_cannot_run(fields, message, tmp_path):
 
 def test_a_guarded_config_without_guard_settings_gets_the_defaults(tmp_path):
     config = ChairRunConfig(model=tmp_path, sae=tmp_path / "sae", out=tmp_path)
-    assert config.guard == GuardConfig() and config.arms == ("on",)
+    assert config.guard == GuardConfig() and config.arms == ("vlsae",)
     assert config.model == str(tmp_path) and config.max_new_tokens == 512
     assert PopeRunConfig(backend="openai", base_url="http://x/v1", out=tmp_path).prompt_format == (
         "chat-template"

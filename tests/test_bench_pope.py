@@ -51,11 +51,11 @@ def test_batches_give_the_answers_of_batch_size_one(backend, inputs, tmp_path, r
     many = run(
         inputs, model, tmp_path / "many", *guarded(inputs), "--batch-size", "3", backend=backend
     )
-    for arm in ("off", "on"):
+    for arm in ("none", "vlsae"):
         assert texts(tmp_path / "one", arm) == texts(tmp_path / "many", arm)
         assert len(texts(tmp_path / "one", arm)) == 8
-    assert texts(tmp_path / "one", "off") != texts(tmp_path / "one", "on")  # the guard acted
-    assert one["splits"]["questions"]["off"] == many["splits"]["questions"]["off"]
+    assert texts(tmp_path / "one", "none") != texts(tmp_path / "one", "vlsae")  # the guard acted
+    assert one["splits"]["questions"]["none"] == many["splits"]["questions"]["none"]
 
 
 def test_results_record_provenance_and_match_the_answers(inputs, tiny_hf_dir, tmp_path):
@@ -76,20 +76,20 @@ def test_results_record_provenance_and_match_the_answers(inputs, tiny_hf_dir, tm
     assert (settings["seed"], settings["batch_size"], settings["backend"]) == (3, 4, "hf")
     assert settings["environment"]["packages"]["torch"] == torch.__version__
     qs = pope.load_questions(inputs / "questions.jsonl")
-    for arm in ("off", "on"):
+    for arm in ("none", "vlsae"):
         by_id = texts(out, arm)
         expected = pope.score(qs, [by_id[q.question_id] for q in qs.questions])
         assert saved["splits"]["questions"][arm] == pytest.approx(expected)
     comparison = saved["splits"]["questions"]["comparison"]
     assert 0 <= comparison["mcnemar_p"] <= 1
     assert comparison["delta"]["f1"] == pytest.approx(
-        saved["splits"]["questions"]["on"]["f1"] - saved["splits"]["questions"]["off"]["f1"]
+        saved["splits"]["questions"]["vlsae"]["f1"] - saved["splits"]["questions"]["none"]["f1"]
     )
     assert "McNemar p" in table and (out / "results.md").read_text().count("|") > 20
     assert (out / "results.png").read_bytes()[:4] == b"\x89PNG"
     with Image.open(out / "results.png") as im:
         im.verify()
-    first = answers(out, "on")[0]
+    first = answers(out, "vlsae")[0]
     assert first["prompt"] == pope.build_prompt("Is there a dog in the image?")
 
 
@@ -99,9 +99,9 @@ def test_a_typed_config_runs_exactly_as_the_flags_do(inputs, tiny_hf_dir, tmp_pa
         inputs, tiny_hf_dir, tmp_path / "typed", sae=inputs / "sae", ab=True,
         guard=GuardConfig(alpha=1.0), batch_size=3,
     )  # fmt: skip
-    for arm in ("off", "on"):
+    for arm in ("none", "vlsae"):
         assert texts(tmp_path / "typed", arm) == texts(tmp_path, arm)
-    assert texts(tmp_path, "on") != texts(tmp_path, "off")
+    assert texts(tmp_path, "vlsae") != texts(tmp_path, "none")
     for results in (flags, typed):
         for key in ("environment", "generation_seconds"):
             results["settings"].pop(key)
@@ -113,8 +113,8 @@ def test_a_killed_run_resumes_with_only_the_missing_answers(
 ):
     out = tmp_path / "run"
     run(inputs, tiny_hf_dir, out, *guarded(inputs), "--batch-size", "2")
-    full = {arm: texts(out, arm) for arm in ("off", "on")}
-    path = out / "answers" / "guard-on" / "questions.jsonl"
+    full = {arm: texts(out, arm) for arm in ("none", "vlsae")}
+    path = out / "answers" / "vlsae" / "questions.jsonl"
     lines = path.read_text().splitlines(keepends=True)
     path.write_text("".join(lines[:3]) + lines[3][:15])  # killed while writing the 4th answer
 
@@ -128,13 +128,13 @@ def test_a_killed_run_resumes_with_only_the_missing_answers(
     monkeypatch.setattr(generation.LocalGenerator, "generate", counting)
     run(inputs, tiny_hf_dir, out, *guarded(inputs), "--batch-size", "2")
     assert len(asked) == 5  # questions 4..8 of the guarded arm, nothing of the other
-    ids = [r["question_id"] for r in answers(out, "on")]
+    ids = [r["question_id"] for r in answers(out, "vlsae")]
     assert sorted(ids) == list(range(1, 9)) and len(ids) == len(set(ids))
-    assert {arm: texts(out, arm) for arm in ("off", "on")} == full
+    assert {arm: texts(out, arm) for arm in ("none", "vlsae")} == full
 
     asked.clear()  # complete: nothing is generated, not even the model is loaded
     monkeypatch.setattr(generation, "load", lambda *a, **k: pytest.fail("model loaded"))
-    assert run(inputs, tiny_hf_dir, out, *guarded(inputs))["splits"]["questions"]["on"]["n"] == 8
+    assert run(inputs, tiny_hf_dir, out, *guarded(inputs))["splits"]["questions"]["vlsae"]["n"] == 8
 
 
 def test_missing_images_are_listed_before_any_generation(
@@ -164,7 +164,13 @@ def load_script(name):
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (["--ab"], "--ab needs --sae"),
+        (["--ab"], "--ab compares none with a method: give --method M (or --sae DIR)"),
+        (["--ab", "vcd"], "--ab takes no method or two (A B), found vcd"),
+        (["--ab", "vcd", "vcd"], "--ab compares two different methods, found vcd twice"),
+        (["--method", "paper"], "--method paper needs --sae DIR"),
+        (["--method", "vcd", "--m3id-lam", "1"], "settings for m3id, which is not an arm"),
+        (["--method", "vcd", "--vcd-beta", "2"], "invalid vcd settings"),
+        (["--backend", "vllm", "--method", "vcd"], "--backend vllm runs none and vlsae only"),
         (["--backend", "openai"], "--base-url URL goes with --backend openai"),
         (["--base-url", "http://x/v1"], "--base-url URL goes with --backend openai"),
         (["--engine-args", '{"max_model_len": 64}'], "--engine-args goes with --backend vllm"),
@@ -173,11 +179,11 @@ def load_script(name):
         (["--backend", "vllm", "--device", "cpu"], "--device does not apply to --backend vllm"),
         (
             ["--backend", "vllm", "--sae", "x", "--vlsae-mode", "paper", "--vlsae-layer", "1"],
-            "--backend vllm runs the projector guard",
+            "--backend vllm runs none and vlsae only, not paper",
         ),
         (
             ["--backend", "vllm", "--sae", "x", "--vlsae-text-grounded"],
-            "--backend vllm runs the projector guard",
+            "--backend vllm runs the projector guard without text_grounded",
         ),
         (
             ["--backend", "openai", "--base-url", "http://x/v1", "--prompt-format", "llava"],
@@ -197,12 +203,12 @@ def test_script_errors_are_one_line_exit_2(argv, message, inputs, tiny_hf_dir, t
 
 def test_single_arm_runs_and_one_split_per_file(inputs, tiny_hf_dir, tmp_path):
     results = run(inputs, tiny_hf_dir, tmp_path, "--limit", "3", "--prompt", "vcd")
-    assert results["arms"] == ["off"] and "comparison" not in results["splits"]["questions"]
-    assert results["splits"]["questions"]["off"]["n"] == 3
-    assert answers(tmp_path, "off")[0]["prompt"].endswith(
+    assert results["arms"] == ["none"] and "comparison" not in results["splits"]["questions"]
+    assert results["splits"]["questions"]["none"]["n"] == 3
+    assert answers(tmp_path, "none")[0]["prompt"].endswith(
         "Please answer this question with one word."
     )
-    assert PopeRunConfig(model="m", sae="x", out=tmp_path).arms == ("on",)
+    assert PopeRunConfig(model="m", sae="x", out=tmp_path).arms == ("vlsae",)
 
 
 def test_paper_mode_runs_through_the_handles_generate(inputs, tiny_hf_dir, tmp_path):
@@ -210,8 +216,9 @@ def test_paper_mode_runs_through_the_handles_generate(inputs, tiny_hf_dir, tmp_p
     results = run(inputs, tiny_hf_dir, tmp_path / "paper", *paper, "--batch-size", "4")
     run(inputs, tiny_hf_dir, tmp_path / "plain", "--batch-size", "4")
     assert results["settings"]["guard"]["mode"] == "paper"
-    assert texts(tmp_path / "paper", "off") == texts(tmp_path / "plain", "off")
-    assert texts(tmp_path / "paper", "on") != texts(tmp_path / "paper", "off")
+    assert results["arms"] == ["none", "paper"]
+    assert texts(tmp_path / "paper", "none") == texts(tmp_path / "plain", "none")
+    assert texts(tmp_path / "paper", "paper") != texts(tmp_path / "paper", "none")
 
 
 def test_paired_outcomes_are_written_per_question(inputs, tiny_hf_dir, tmp_path):
@@ -222,12 +229,12 @@ def test_paired_outcomes_are_written_per_question(inputs, tiny_hf_dir, tmp_path)
     assert [r["question_id"] for r in rows] == list(range(1, 9))
     discordant = results["splits"]["questions"]["comparison"]["discordant"]
     assert discordant["a_wrong_b_right"] == sum(
-        r["correct_on"] and not r["correct_off"] for r in rows
+        r["correct_vlsae"] and not r["correct_none"] for r in rows
     )
     assert discordant["a_right_b_wrong"] == sum(
-        r["correct_off"] and not r["correct_on"] for r in rows
+        r["correct_none"] and not r["correct_vlsae"] for r in rows
     )
-    assert all(r["off"] == texts(tmp_path, "off")[r["question_id"]] for r in rows)
+    assert all(r["none"] == texts(tmp_path, "none")[r["question_id"]] for r in rows)
 
 
 @pytest.mark.llava
@@ -271,3 +278,42 @@ def test_results_record_the_guards_placement_check(inputs, tiny_hf_dir, tmp_path
     monkeypatch.undo()
     plain = run(inputs, tiny_hf_dir, tmp_path / "plain")
     assert plain["settings"]["guard_fit"] is None
+
+
+@pytest.mark.parametrize("peer", ["vcd", "m3id"])
+def test_a_peer_method_runs_as_an_arm_batched_as_alone(peer, inputs, tiny_hf_dir, tmp_path):
+    """--method M --ab: none vs M; M's settings recorded; batches answer as batch size 1; none
+    answers as a run without any method."""
+    strong = {"vcd": ["--vcd-alpha", "3"], "m3id": ["--m3id-lam", "1"]}[peer]
+    args = ["--method", peer, "--ab", *strong]
+    one = run(inputs, tiny_hf_dir, tmp_path / "one", *args, "--batch-size", "1")
+    run(inputs, tiny_hf_dir, tmp_path / "many", *args, "--batch-size", "3")
+    run(inputs, tiny_hf_dir, tmp_path / "plain", "--batch-size", "3")
+    assert one["arms"] == ["none", peer] and one["settings"]["method"] == peer
+    recorded = one["settings"]["method_settings"][peer]
+    assert recorded["alpha" if peer == "vcd" else "lam"] in (3.0, 1.0) and "beta" in recorded
+    for arm in ("none", peer):
+        assert texts(tmp_path / "one", arm) == texts(tmp_path / "many", arm)
+    assert texts(tmp_path / "one", "none") == texts(tmp_path / "plain", "none")
+    assert texts(tmp_path / "one", peer) != texts(tmp_path / "one", "none")  # it acted
+    sidecar = json.loads(
+        (tmp_path / "one" / "answers" / peer / "questions.settings.json").read_text()
+    )
+    assert sidecar["method"] == peer and sidecar["method_settings"] == recorded
+
+
+def test_two_methods_compare_b_minus_a_and_resume(inputs, tiny_hf_dir, tmp_path):
+    results = run(inputs, tiny_hf_dir, tmp_path, "--ab", "vcd", "m3id", "--batch-size", "4")
+    assert results["arms"] == ["vcd", "m3id"]
+    split = results["splits"]["questions"]
+    assert split["comparison"]["delta"]["f1"] == pytest.approx(
+        split["m3id"]["f1"] - split["vcd"]["f1"], abs=1e-9
+    )
+    with pytest.raises(Exception, match="already answered|differ"):  # other settings: refused
+        run(inputs, tiny_hf_dir, tmp_path, "--ab", "vcd", "m3id", "--vcd-alpha", "2")
+
+
+def test_an_output_directory_of_the_old_layout_is_refused(inputs, tiny_hf_dir, tmp_path):
+    (tmp_path / "answers" / "guard-off").mkdir(parents=True)
+    with pytest.raises(harness.common.BenchmarkError, match="rename answers/guard-off"):
+        run(inputs, tiny_hf_dir, tmp_path)

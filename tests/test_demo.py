@@ -30,8 +30,8 @@ def test_demo_writes_consistent_results(tmp_path, capsys):
     result = json.loads((tmp_path / "results.json").read_text())
     split = result["splits"]["pope_shapes"]
     questions = pope.load_questions(tmp_path / "inputs" / "pope_shapes.jsonl").questions[:9]
-    for arm in ("off", "on"):
-        path = tmp_path / "answers" / f"guard-{arm}" / "pope_shapes.jsonl"
+    for arm in ("none", "vlsae"):
+        path = tmp_path / "answers" / f"{arm}" / "pope_shapes.jsonl"
         rows = {r["question_id"]: r for r in map(json.loads, path.read_text().splitlines())}
         preds = [pope.parse_answer(rows[q.question_id]["text"]) for q in questions]
         metrics = pope.metrics(preds, [q.label for q in questions])

@@ -45,7 +45,7 @@ def copy_run(source, target):
     import shutil
 
     shutil.copytree(source, target)
-    return target, target / "answers" / "guard-off" / "questions.jsonl"
+    return target, target / "answers" / "none" / "questions.jsonl"
 
 
 def no_model(monkeypatch):
@@ -149,9 +149,9 @@ def test_results_count_empty_answers_and_warn(inputs, tiny_hf_dir, finished_run,
         record["text"] = ""
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
     results = run(inputs, tiny_hf_dir, out)
-    assert results["splits"]["questions"]["off"]["empty"] == 2
+    assert results["splits"]["questions"]["none"]["empty"] == 2
     assert results["warnings"] == [
-        "2 answers empty (questions, guard off): LLaVA's parser scores an empty answer as 'yes'"
+        "2 answers empty (questions, none): LLaVA's parser scores an empty answer as 'yes'"
     ]
     harness.finish(results, out, "test")
     assert "WARNING: 2 answers empty" in (out / "results.md").read_text()

@@ -12,22 +12,23 @@ def rows():
         "delta": {"f1": 2.0, "accuracy": 1.0},
         "ci_delta": {"f1": (0.5, 3.5), "accuracy": (-0.2, 2.2)},
     }
-    arms = {"off": {"f1": 82.0, "accuracy": 83.0}, "on": {"f1": 84.0, "accuracy": 84.0}}
+    arms = {"none": {"f1": 82.0, "accuracy": 83.0}, "vcd": {"f1": 84.0, "accuracy": 84.0}}
     return report.rows_from_comparison("coco/random", arms, comparison, ["accuracy", "f1"], p=0.03)
 
 
 def test_tables_show_both_arms_the_difference_and_p():
     text = report.text_table(rows())
-    assert "guard off" in text and "guard on" in text and "McNemar p" in text
+    assert "none" in text and "vcd" in text and "delta (vcd - none)" in text
+    assert "McNemar p" in text
     assert "[-0.2, +2.2]" in text and "+2.0" in text and "0.03" in text
     md = report.markdown_table(rows()).splitlines()
-    assert md[0].startswith("| split | metric | guard off | guard on |")
+    assert md[0].startswith("| split | metric | none | vcd | delta (vcd - none) |")
     assert md[1] == "| --- | --- | ---: | ---: | ---: | ---: | ---: |"
     assert len(md) == 4
 
 
 def test_single_arm_table_has_no_difference_column():
-    only = report.rows_from_comparison("", {"off": {"f1": 80.0}}, None, ["f1"])
+    only = report.rows_from_comparison("", {"none": {"f1": 80.0}}, None, ["f1"])
     text = report.text_table(only)
     assert "delta" not in text and "80.0" in text
 

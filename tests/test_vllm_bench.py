@@ -38,15 +38,15 @@ def test_vllm_backend_answers_both_arms_as_the_hf_backend(
     out = tmp_path / "vllm"
     results = run(inputs, tiny_hf_dir, out, *guard, *steps, *engine, backend="vllm", device=None)
 
-    reference = {arm: texts(tmp_path / "hf", arm) for arm in ("off", "on")}
-    assert reference["off"] != reference["on"]  # the guard changes answers: the check can fail
-    for arm in ("off", "on"):
+    reference = {arm: texts(tmp_path / "hf", arm) for arm in ("none", "vlsae")}
+    assert reference["none"] != reference["vlsae"]  # the guard changes answers: the check can fail
+    for arm in ("none", "vlsae"):
         assert texts(out, arm) == reference[arm], arm
         assert results["splits"]["questions"][arm] == hf["splits"]["questions"][arm]
     settings = results["settings"]
     assert settings["backend"] == "vllm" and settings["engine_args"] == engine_args
     assert settings["sae_sha256"] == hf["settings"]["sae_sha256"]
-    sidecar = json.loads((out / "answers" / "guard-on" / "questions.settings.json").read_text())
+    sidecar = json.loads((out / "answers" / "vlsae" / "questions.settings.json").read_text())
     assert sidecar["engine_args"] == engine_args and sidecar["guard"]["alpha"] == vllm_case.alpha
     pope.finish(results, out, "POPE on vLLM")  # the plot's dependencies are in this environment
     assert (out / "results.png").stat().st_size > 0

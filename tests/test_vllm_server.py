@@ -252,9 +252,9 @@ def test_pope_runner_against_the_server_answers_as_the_hf_backend(
     url = ["--base-url", server.base_url, "--batch-size", "6"]
     results = run(inputs, tiny_hf_dir, out, *both, *url, backend="openai", device=None)
 
-    reference = {arm: texts(tmp_path / "hf", arm) for arm in ("off", "on")}
-    assert reference["off"] != reference["on"]
-    assert {arm: texts(out, arm) for arm in ("off", "on")} == reference
+    reference = {arm: texts(tmp_path / "hf", arm) for arm in ("none", "vlsae")}
+    assert reference["none"] != reference["vlsae"]
+    assert {arm: texts(out, arm) for arm in ("none", "vlsae")} == reference
     settings = results["settings"]
     assert settings["served_model"] == str(tiny_hf_dir) and settings["model_sha256"]
     assert settings["extra_body"] == {"add_special_tokens": True}  # the template has no BOS

@@ -30,9 +30,12 @@ from ..harness.config import (
 )
 from ..harness.generation import BACKENDS, PROMPT_FORMATS
 from ..lab.demo import DemoConfig
+from ..methods import MODES
 from ..scoring import chair, pope
 from ..scoring.files import DataError
 from .guard_flags import GuardFlagsError, add_guard_flags, guard_config, settings_from_args
+from .method_flags import ab_from_args, add_method_flags
+from .method_flags import settings_from_args as method_settings_from_args
 
 # argparse destinations that are not named as their field
 DESTS = {"vlsae_guard": "sae"}
@@ -91,12 +94,6 @@ def add_run_flags(parser: argparse.ArgumentParser, config: type[RunConfig]) -> N
         metavar="DIR",
         help="VL-SAE checkpoint (directory or Hub id); same as --vlsae-guard",
     )
-    add(
-        "--ab",
-        action="store_true",
-        help="run both arms (guard off, then on); without it one arm runs: on when "
-        "--sae is given, else off",
-    )
     add = _adder(parser.add_argument_group("run"), config)
     add("--images", type=Path, help="image directory (COCO val2014 for COCO/CHAIR)")
     add("--limit", type=int, help="first N items per split (smoke runs)")
@@ -104,9 +101,11 @@ def add_run_flags(parser: argparse.ArgumentParser, config: type[RunConfig]) -> N
     add("--max-new-tokens", type=int)
     add("--temperature", type=float, help="0: greedy (default)")
     add("--top-p", type=float)
+    add("--top-k", type=int, help="sampling: generate()'s 50 when unset; 0: off")
     add("--seed", type=int)
     add("--bootstrap", type=int, help="paired bootstrap replicates for the 95%% intervals")
     add("--out", type=Path, help="output directory")
+    add_method_flags(parser)
     add_guard_flags(parser)
 
 
@@ -207,12 +206,27 @@ def _problem(err: dict) -> str:
     return f"{where}: {err['msg']} (found {err['input']!r})"
 
 
+def run_values(args: argparse.Namespace) -> dict:
+    """What the method and guard flags set: ``ab``, the guard settings (in the mode of an SAE
+    method named by --method or --ab), the peers' settings."""
+    ab = ab_from_args(args)
+    named = [args.method] + (list(ab) if isinstance(ab, tuple) else [])
+    modes = {MODES[m] for m in named if m in MODES}
+    if len(modes) == 1 and getattr(args, "vlsae_mode", None) is None:
+        args = argparse.Namespace(**{**vars(args), "vlsae_mode": modes.pop()})
+    return {
+        "ab": ab,
+        "guard": settings_from_args(args),
+        "method_settings": method_settings_from_args(args),
+    }
+
+
 def pope_config(args: argparse.Namespace) -> PopeRunConfig:
-    return build(PopeRunConfig, args, guard=settings_from_args(args))
+    return build(PopeRunConfig, args, **run_values(args))
 
 
 def chair_config(args: argparse.Namespace) -> ChairRunConfig:
-    return build(ChairRunConfig, args, guard=settings_from_args(args))
+    return build(ChairRunConfig, args, **run_values(args))
 
 
 def demo_config(args: argparse.Namespace) -> DemoConfig:

@@ -24,7 +24,12 @@ def add_guard_flags(parser: argparse.ArgumentParser, prefix: str = "vlsae-") -> 
         default=None,
         help="VL-SAE checkpoint directory (or Hub id); enables the guard",
     )
-    group.add_argument(f"--{prefix}mode", choices=["projector", "paper"], default="projector")
+    group.add_argument(
+        f"--{prefix}mode",
+        choices=["projector", "paper"],
+        default=None,
+        help="projector (default; --method vlsae) or paper (--method paper)",
+    )
     group.add_argument(
         f"--{prefix}rewrite",
         choices=REWRITES,

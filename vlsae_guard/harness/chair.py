@@ -37,6 +37,7 @@ def run(config: ChairRunConfig, progress: bool = True) -> dict:
     """Generate the missing captions and score both arms; returns the results dict
     (:func:`finish` writes it)."""
     outputs.check_writable(config.out)  # before hashing and loading: a late failure loses a batch
+    common.check_layout(config.out)
     arms = config.arms
     name, ids = image_ids(config)
     gt = chair.ground_truth(config.coco_annotations)
@@ -64,7 +65,7 @@ def run(config: ChairRunConfig, progress: bool = True) -> dict:
         captions = [(int(it.key), job.log.records[it.key]["caption"]) for it in job.items]
         scores[job.arm] = chair.score_captions(captions, gt)
         empty[job.arm] = sum(not caption.strip() for _, caption in captions)
-        details = config.out / f"chair_details_guard-{job.arm}.jsonl"
+        details = config.out / f"chair_details_{job.arm}.jsonl"
         outputs.write_text(
             details, "".join(json.dumps(s.to_json()) + "\n" for s in scores[job.arm])
         )
@@ -72,14 +73,14 @@ def run(config: ChairRunConfig, progress: bool = True) -> dict:
     for arm in arms:
         results[arm] = {**chair.metrics(scores[arm]), "empty": empty[arm]}
     results["warnings"] = common.empty_warnings(
-        {f"guard {arm}": empty[arm] for arm in arms},
+        {arm: empty[arm] for arm in arms},
         "captions",
         "an empty caption mentions no object, so it lowers CHAIR without describing the image",
     )
     results["warnings"] += common.fit_warnings(common.recorded_fit(config.out))
     if len(arms) == 2:
         results["comparison"] = chair.compare(
-            scores["off"], scores["on"], config.bootstrap, config.seed
+            *(scores[a] for a in arms), config.bootstrap, config.seed
         )
     results["settings"] = common.settings_record(
         config,
@@ -105,11 +106,13 @@ def rows(results: dict) -> list[report.Row]:
 
 NOTES = (
     "CHAIR_s, CHAIR_i and Recall in percent, Len in tokens (lower CHAIR is better). delta = "
-    "guard on - guard off with a paired bootstrap 95% interval (images resampled). CHAIR "
+    "B - A (the second method minus the first) with a paired bootstrap 95% interval (images "
+    "resampled). CHAIR "
     "depends strongly on max_new_tokens and decoding: compare only runs with the same settings."
 )
 
 
 def finish(results: dict, out: Path) -> str:
     notes = [NOTES, *(f"WARNING: {w}" for w in results["warnings"])]
-    return common.write_outputs(out, results, rows(results), "CHAIR: guard off vs on", notes)
+    title = "CHAIR: " + " vs ".join(results["arms"])
+    return common.write_outputs(out, results, rows(results), title, notes)

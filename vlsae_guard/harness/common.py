@@ -3,8 +3,9 @@
 Order of a run (its settings already validated, see :mod:`.config`): resolve and hash the model
 and SAE, open (and resume) the answer files, check that every image still needed exists (one
 error listing the missing ones, before any model is loaded), then load the model once, ready
-for both arms, and answer batch by batch: first the arm with the guard off, then on. Answers
-are on disk before the next batch starts.
+for every arm, and answer batch by batch, arm by arm (each arm is an inference method,
+:mod:`vlsae_guard.methods`, attached to the model while its batches run). Answers are on disk
+before the next batch starts.
 """
 
 from __future__ import annotations
@@ -27,11 +28,12 @@ from .. import outputs, provenance
 from ..backends import UnsupportedModelError, checkpoint_family, read_model_config
 from ..core.fit import GuardFit
 from ..core.intervention import GuardConfig
+from ..methods import MODES
 from ..scoring import report
 from ..scoring.files import DataError
 from . import generation
 from .answers import AnswerLog
-from .config import ARMS, RunConfig
+from .config import RunConfig
 
 
 class BenchmarkError(RuntimeError):
@@ -113,6 +115,7 @@ class Setup:
     def answer_settings(self, run: RunConfig, arm: str, extra: dict) -> dict:
         """What an arm's answers depend on (the answer files' sidecar)."""
         base = {
+            "method": arm,
             "backend": run.backend,
             "model": run.model,
             "model_sha256": self.model_sha256,
@@ -124,8 +127,10 @@ class Setup:
             **backend_record(run.backend, self.options),
             **extra,
         }
-        if arm == "on":
+        if arm in MODES:
             base.update(sae_sha256=self.sae_sha256, guard=self.guard)
+        elif arm != "none":
+            base["method_settings"] = run.settings_of(arm).model_dump(mode="json")
         return base
 
 
@@ -175,7 +180,7 @@ def setup(run: RunConfig) -> Setup:
         sae_dir=sae_dir,
         sae_sha256=sae_sha,
         config=run.guard,
-        decoding=generation.Decoding(run.max_new_tokens, run.temperature, run.top_p),
+        decoding=generation.Decoding(run.max_new_tokens, run.temperature, run.top_p, run.top_k),
         options=options,
     )
 
@@ -212,7 +217,7 @@ def generate(
     todo = [job for job in jobs if job.pending()]
     if not todo:
         return
-    guarded = any(job.arm == "on" for job in todo) and run.backend != "openai"
+    guarded = any(job.arm in MODES for job in todo) and run.backend != "openai"
     model = run.model if setup_.model_dir is None else str(setup_.model_dir)
     generator = generation.load(
         run.backend,
@@ -224,9 +229,10 @@ def generate(
         config=setup_.config,
         seed=run.seed,
         options=setup_.options,
+        arms={arm: run.settings_of(arm) for arm in run.arms},
     )
     try:
-        for arm in ARMS:
+        for arm in run.arms:
             for job in (j for j in todo if j.arm == arm):
                 _answer(generator, job, run, setup_, output_field, progress)
         if generator.fit is not None:  # kept for the results of this and of resumed runs
@@ -258,7 +264,7 @@ def _answer(generator, job: Job, run: RunConfig, setup_: Setup, field: str, prog
     seed_everything(run.seed)
     bar = tqdm(
         total=len(pending),
-        desc=f"{job.split} [guard {job.arm}]",
+        desc=f"{job.split} [{job.arm}]",
         unit="item",
         disable=not progress,
         file=sys.stderr,
@@ -294,7 +300,14 @@ def settings_record(run: RunConfig, setup_: Setup, extra: dict) -> dict:
         **backend_record(run.backend, setup_.options),
         "sae": run.sae,
         "sae_sha256": setup_.sae_sha256,
+        "method": run.method,
+        "arms": list(run.arms),
         "guard": setup_.guard,
+        "method_settings": {
+            arm: run.settings_of(arm).model_dump(mode="json")
+            for arm in run.arms
+            if arm not in MODES and arm != "none"
+        },
         "guard_fit": recorded_fit(run.out),
         "decoding": setup_.decoding.describe(),
         "seed": run.seed,
@@ -335,7 +348,20 @@ def empty_warnings(counts: dict[str, int], what: str, meaning: str) -> list[str]
 
 
 def answers_dir(out: Path, arm: str) -> Path:
-    return out / "answers" / f"guard-{arm}"
+    """Where an arm's answers go: ``OUT/answers/METHOD``."""
+    return out / "answers" / arm
+
+
+def check_layout(out: Path) -> None:
+    """Refuse to resume a directory written before arms were named by method (0.2): its answers
+    would silently be answered again beside the old ones."""
+    old = [d for d in ("guard-off", "guard-on") if (out / "answers" / d).is_dir()]
+    if old:
+        raise BenchmarkError(
+            f"{out} holds answers from before arms were named by method ({', '.join(old)}); "
+            f"to resume it, rename answers/guard-off to answers/none and answers/guard-on to "
+            "answers/vlsae (answers/paper for paper mode), or write to a new --out"
+        )
 
 
 def safe_name(split: str) -> str:

@@ -16,13 +16,17 @@ from typing import Any, Literal
 from pydantic import Field, field_validator, model_validator
 
 from ..core.intervention import GuardConfig
+from ..methods import METHODS, MODES, MethodError, method_settings
 from ..scoring import chair, pope
 from ..scoring.stats import DEFAULT_BOOTSTRAP
 from ..validation import Settings
 from .generation import BACKENDS, PROMPT_FORMATS, SERVED
 
 DTYPES = ("auto", "float16", "bfloat16", "float32")
-ARMS = ("off", "on")
+METHOD_NAMES = tuple(METHODS)
+# What a served backend can switch per request: the projector guard (issue 15: a two-arm method
+# needs two sequences per request and a fusion of their logits, which vLLM 0.32 has no hook for).
+SERVED_METHODS = ("none", "vlsae")
 CHAIR_SPLITS = ("chair500",)
 # Set by the runner itself (--model, --dtype, --seed; the guarded architecture).
 RUNNER_ENGINE_ARGS = frozenset({"model", "dtype", "seed", "hf_overrides"})
@@ -46,15 +50,22 @@ class RunConfig(Settings):
     dtype: Literal[DTYPES] = "auto"
     device: str | None = None  # None: cuda if available, else cpu
     prompt_format: Literal[PROMPT_FORMATS] | None = None  # None: the backend's (filled in)
-    sae: str | None = None  # VL-SAE checkpoint (directory or Hub id): the guarded arm's
-    guard: GuardConfig | None = None  # None with ``sae``: GuardConfig()'s defaults
-    ab: bool = False  # both arms; else one: on with ``sae``, off without
+    sae: str | None = None  # VL-SAE checkpoint (directory or Hub id), for vlsae and paper
+    guard: GuardConfig | None = None  # vlsae / paper settings; None with ``sae``: the defaults
+    # The inference method of the run (one arm) or of arm B; None: vlsae (paper with the guard's
+    # mode "paper") with ``sae``, else none.
+    method: Literal[METHOD_NAMES] | None = None
+    # Two arms: True for (none, method); or the two methods (A, B), reported as B - A.
+    ab: bool | tuple[Literal[METHOD_NAMES], Literal[METHOD_NAMES]] = False
+    # The other methods' settings by name, e.g. {"vcd": {"alpha": 1.0}} (--vcd-alpha 1.0).
+    method_settings: dict[str, dict[str, Any]] = {}
     images: Path | None = None
     limit: int | None = Field(default=None, ge=1)
     batch_size: int = Field(default=8, ge=1)
     max_new_tokens: int
     temperature: float = 0.0  # 0: greedy
     top_p: float | None = None
+    top_k: int | None = Field(default=None, ge=0)  # sampling; None: generate()'s 50, 0: off
     seed: int = 0
     bootstrap: int = DEFAULT_BOOTSTRAP
     out: Path
@@ -101,30 +112,84 @@ class RunConfig(Settings):
                 "--backend openai: the server applies its chat template (--prompt-format "
                 "chat-template); for LLaVA's eval conversation use --backend vllm or hf"
             )
+        self._settle_methods()
+        return self
+
+    def _settle_methods(self) -> None:
+        """Fill in the method, check the arms against the SAE, the backend and the settings."""
         if self.sae is None and self.guard is not None:
             raise ValueError("guard settings (--vlsae-*) need --sae DIR, the checkpoint to use")
+        guard_mode = None if self.guard is None else self.guard.mode
+        if self.method is None:
+            if self.sae is None:  # a server's guard is configured there (serve --sae)
+                self.method = "vlsae" if self.backend == "openai" and self.ab is True else "none"
+            else:
+                self.method = "paper" if guard_mode == "paper" else "vlsae"
         if self.sae is not None and self.guard is None:
-            self.guard = GuardConfig()
-        if (
-            self.backend in SERVED
-            and self.guard is not None
-            and (self.guard.mode == "paper" or self.guard.text_grounded)
-        ):
+            self.guard = GuardConfig(mode=MODES.get(self.method, "projector"))
+        arms = self.arms
+        if self.ab is True and self.method == "none":
+            raise ValueError("--ab compares none with a method: give --method M (or --sae DIR)")
+        if len(set(arms)) != len(arms):
+            raise ValueError(f"--ab compares two different methods, found {arms[0]} twice")
+        guarded = [m for m in arms if m in MODES]
+        if len(guarded) > 1:
+            raise ValueError(
+                "--ab vlsae paper: one --sae and one set of --vlsae-* settings serve one SAE "
+                "method per run; compare each with none in its own run"
+            )
+        if guarded and self.sae is None and self.backend != "openai":
+            raise ValueError(f"--method {guarded[0]} needs --sae DIR (the VL-SAE checkpoint)")
+        if self.sae is not None and not guarded:
+            raise ValueError(f"--sae is used by vlsae and paper, not by {' / '.join(arms)}")
+        if guarded and self.guard.mode != MODES[guarded[0]]:
+            raise ValueError(
+                f"--method {guarded[0]} runs the guard in mode {MODES[guarded[0]]!r}, but "
+                f"--vlsae-mode is {self.guard.mode!r}"
+            )
+        unused = sorted(set(self.method_settings) - set(arms))
+        if unused:
+            raise ValueError(f"settings for {', '.join(unused)}, which is not an arm of this run")
+        for name, fields in self.method_settings.items():
+            if name in MODES or name == "none":
+                raise ValueError(f"{name} takes its settings from --vlsae-* flags")
+            try:
+                method_settings(name, **fields)
+            except MethodError as e:
+                raise ValueError(str(e)) from e
+        if self.backend in SERVED:
+            self._check_served(arms)
+
+    def _check_served(self, arms: tuple[str, ...]) -> None:
+        off_menu = [m for m in arms if m not in SERVED_METHODS]
+        if off_menu:
+            raise ValueError(
+                f"--backend {self.backend} runs none and vlsae only, not {', '.join(off_menu)}: "
+                "vLLM switches the projector guard per request, while a two-arm method needs two "
+                "sequences per request and a fusion of their logits each step (see "
+                "docs/serving.md); use --backend hf or llava"
+            )
+        if self.guard is not None and self.guard.text_grounded:
             raise ValueError(
                 f"--backend {self.backend} runs the projector guard without text_grounded "
-                "(vLLM caches projector outputs per image); use --backend hf for paper mode "
-                "or --vlsae-text-grounded"
+                "(vLLM caches projector outputs per image); use --backend hf"
             )
-        if self.ab and not self.sae and not openai:
-            raise ValueError("--ab needs --sae DIR (the guard arm)")
-        return self
+
+    def settings_of(self, method: str):
+        """The validated settings of ``method`` in this run (None for none)."""
+        if method == "none":
+            return None
+        if method in MODES:
+            return self.guard
+        return method_settings(method, **self.method_settings.get(method, {}))
 
     @property
     def arms(self) -> tuple[str, ...]:
-        """Guard off then on with ``ab``; else on with ``sae``, off without."""
-        if self.ab:
-            return ARMS
-        return ("on",) if self.sae else ("off",)
+        """The methods this run answers with: (A, B) with ``ab``, else the one method."""
+        if isinstance(self.ab, tuple):
+            return self.ab
+        method = self.method or "none"
+        return ("none", method) if self.ab else (method,)
 
 
 class PopeRunConfig(RunConfig):

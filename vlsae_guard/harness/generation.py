@@ -1,19 +1,19 @@
 """Batched A/B generation: one interface over the runtimes that answer (image, prompt) pairs.
 
-A :class:`Generator` answers a batch of (image, prompt) pairs for one arm, guard ``"off"`` or
-``"on"``. In-process backends (``hf``, ``llava``: :class:`LocalGenerator`) load the model
-through its family (:mod:`vlsae_guard.backends`), which builds the prompts and pads on the left
-so a batch gives the same greedy answers as one question at a time (tested); they attach
-:func:`vlsae_guard.core.guard` once and switch it off per batch. ``vllm`` (an offline engine)
-and ``openai`` (a running ``vlsae-guard serve``) switch it per request, so one engine serves both
-arms and vLLM's caches keep them apart; vLLM does not pad at all. All but ``openai`` build
+A :class:`Generator` answers a batch of (image, prompt) pairs for one arm, an inference method
+by name (:mod:`vlsae_guard.methods`: ``none``, ``vlsae``, ``paper``, ``vcd``, ...). In-process
+backends (``hf``, ``llava``: :class:`LocalGenerator`) load the model through its family
+(:mod:`vlsae_guard.backends`), which builds the prompts and pads on the left so a batch gives the
+same answers as one question at a time (tested); they attach an arm's method while its batches
+run. ``vllm`` (an offline engine) and ``openai`` (a running ``vlsae-guard serve``) run ``none``
+and ``vlsae`` only, switching the projector guard per request, so one engine serves both arms
+and vLLM's caches keep them apart; vLLM does not pad at all. All but ``openai`` build
 LLaVA-1.5's evaluation prompt by default (:func:`vlsae_guard.backends.hf.llava_conversation`);
 an OpenAI-compatible server applies its own chat template.
 """
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -42,6 +42,7 @@ class Decoding:
     max_new_tokens: int
     temperature: float = 0.0  # 0: greedy
     top_p: float | None = None
+    top_k: int | None = None  # None: generate()'s default (50); 0: off
 
     def kwargs(self) -> dict:
         if self.temperature <= 0:
@@ -49,6 +50,8 @@ class Decoding:
         out = {"do_sample": True, "temperature": self.temperature, "num_beams": 1}
         if self.top_p is not None:
             out["top_p"] = self.top_p
+        if self.top_k is not None:
+            out["top_k"] = self.top_k
         return {**out, "max_new_tokens": self.max_new_tokens}
 
     def describe(self) -> dict:
@@ -57,7 +60,7 @@ class Decoding:
 
 
 class Generator:
-    """A loaded model that answers (image, prompt) pairs with the guard off or on."""
+    """A loaded model that answers (image, prompt) pairs with an arm's method."""
 
     backend: str
 
@@ -78,47 +81,55 @@ class Generator:
 
 
 class LocalGenerator(Generator):
-    """A model in this process, loaded by its family; the guard is attached once and disabled
-    for the "off" arm."""
+    """A model in this process, loaded by its family; each arm's method is attached while its
+    batches run (``none`` attaches nothing: the model's own generate)."""
 
     handle = None
 
-    def __init__(self, backend: str, loaded: backends.LoadedModel):
+    def __init__(self, backend: str, loaded: backends.LoadedModel, arms: dict, sae=None):
         self.backend, self.loaded = backend, loaded
+        self.arms, self.sae = arms, sae  # arm (method name) -> its settings
+        self.arm, self._fit = None, None
 
     @property
     def model(self) -> torch.nn.Module:
         return self.loaded.model
 
-    def attach(self, sae_dir, config) -> None:
-        from ..core.guard import guard
+    def use(self, arm: str) -> None:
+        """Attach ``arm``'s method (detaching the previous arm's)."""
+        if arm == self.arm:
+            return
+        if arm not in self.arms:
+            raise GenerationError(f"this generator was loaded for {list(self.arms)}, not {arm!r}")
+        from ..methods import MODES, attach
 
-        self.handle = guard(self.model, sae_dir, config=config)
+        self.close()
+        sae = self.sae if arm in MODES else None
+        if arm in MODES and sae is None:
+            raise GenerationError(f"the {arm} arm needs an SAE (load(..., sae=DIR))")
+        self.handle = attach(arm, self.model, sae=sae, settings=self.arms[arm])
+        self.arm = arm
 
     def answer(self, images, prompts, decoding, arm):
-        if self.handle is None:
-            if arm == "on":
-                raise GenerationError("the guarded arm needs an SAE (load(..., sae=DIR))")
-            return self.generate(images, prompts, decoding)
-        off = self.handle.disabled() if arm == "off" else contextlib.nullcontext()
-        with off:
-            return self.generate(images, prompts, decoding, self.handle.generate)
-
-    def close(self) -> None:
-        if self.handle is not None:
-            self.handle.remove()
-            self.handle = None
-
-    @property
-    def fit(self) -> dict | None:
-        measured = None if self.handle is None else self.handle.fit
-        return None if measured is None else measured.to_json()
+        self.use(arm)
+        return self.generate(images, prompts, decoding, self.handle.generate)
 
     def generate(
         self, images: Sequence[Image.Image], prompts: Sequence[str], decoding: Decoding, runner=None
     ) -> list[str]:
-        """Answers with ``runner`` (default ``model.generate``) in whatever state the guard is."""
+        """Answers with ``runner`` (default ``model.generate``), the family building the batch."""
         return self.loaded.generate(images, prompts, decoding.kwargs(), runner)
+
+    def close(self) -> None:
+        if self.handle is not None:
+            self._fit = self.handle.fit or self._fit
+            self.handle.remove()
+            self.handle, self.arm = None, None
+
+    @property
+    def fit(self) -> dict | None:
+        measured = self._fit if self.handle is None else (self.handle.fit or self._fit)
+        return None if measured is None else measured.to_json()
 
 
 class VLLMGenerator(Generator):
@@ -156,16 +167,18 @@ class VLLMGenerator(Generator):
     def answer(self, images, prompts, decoding, arm):
         from ..serving.client import generate_offline
 
-        if arm == "on" and not self.guarded:
+        on = _served_arm(arm)
+        if on and not self.guarded:
             raise GenerationError("the guarded arm needs an SAE (load(..., sae=DIR))")
         answers = generate_offline(
             self.llm,
             list(images),
             [hf_prompt(self.processor, self.prompt_format, p) for p in prompts],
-            guard=(arm == "on") if self.guarded else None,
+            guard=on if self.guarded else None,
             max_tokens=decoding.max_new_tokens,
             temperature=max(decoding.temperature, 0.0),
             top_p=decoding.top_p,
+            top_k=decoding.top_k,
             seed=self.seed,
         )
         # Decoded as the hf backend decodes, so the two backends' texts compare token for token.
@@ -195,30 +208,38 @@ class OpenAIGenerator(Generator):
 
         from ..serving.client import generate_openai
 
+        on = _served_arm(arm)
         try:
             answers = generate_openai(
                 self.base_url,
                 list(images),
                 list(prompts),
-                guard=arm == "on",
+                guard=on,
                 model=self.model,
                 max_tokens=decoding.max_new_tokens,
                 temperature=max(decoding.temperature, 0.0),
                 top_p=decoding.top_p,
+                top_k=decoding.top_k,
                 seed=self.seed,
                 concurrency=self.concurrency,
                 extra_body=self.extra_body,
                 client=self.client,
             )
         except openai.APIStatusError as e:
-            hint = " (was it started with --sae?)" if arm == "on" else ""
+            hint = " (was it started with --sae?)" if on else ""
             raise GenerationError(
-                f"{self.base_url} refused a guard-{arm} request{hint}: HTTP {e.status_code}: "
-                f"{e.message}"
+                f"{self.base_url} refused a {arm} request{hint}: HTTP {e.status_code}: {e.message}"
             ) from e
         except openai.APIError as e:
             raise GenerationError(f"{self.base_url}: {e}") from e
         return [a.text.strip() for a in answers]
+
+
+def _served_arm(arm: str) -> bool:
+    """The per-request switch of a served arm: on for vlsae, off for none."""
+    if arm not in ("none", "vlsae"):
+        raise GenerationError(f"a served model runs none and vlsae, not {arm!r}")
+    return arm == "vlsae"
 
 
 def served_model(base_url: str, model: str | None) -> str:
@@ -267,9 +288,11 @@ def load(
     config=None,
     seed: int = 0,
     options: dict | None = None,
+    arms: dict | None = None,
 ) -> Generator:
     """Load ``model`` (a directory or Hub id; for ``openai`` the served name or ``None``) for
-    ``backend``, ready for both arms when ``sae`` is given.
+    ``backend``, ready for ``arms`` (method name -> its settings; default: none, and vlsae with
+    ``config`` when ``sae`` is given). Served backends take the projector guard's ``config``.
 
     ``options`` are the backend's own: ``vllm``: ``engine_args`` (``vllm.LLM`` keyword
     arguments); ``openai``: ``base_url``, ``concurrency``, ``extra_body``.
@@ -299,7 +322,6 @@ def load(
         prompt_format=prompt_format,
         conv_mode="vicuna_v1",
     )
-    generator = LocalGenerator(backend, loaded)
-    if sae is not None:
-        generator.attach(sae, config)
-    return generator
+    if arms is None:
+        arms = {"none": None, **({"vlsae": config} if sae is not None else {})}
+    return LocalGenerator(backend, loaded, arms, sae)

@@ -32,6 +32,7 @@ def run(config: PopeRunConfig, progress: bool = True) -> dict:
     """Generate what is missing and score both arms; returns the results dict (:func:`finish`
     writes it)."""
     outputs.check_writable(config.out)  # before hashing and loading: a late failure loses a batch
+    common.check_layout(config.out)
     arms = config.arms
     sets = question_sets(config)
     setup = common.setup(config)
@@ -76,6 +77,7 @@ def score(config: PopeRunConfig, setup, sets, jobs, arms, seconds: float) -> dic
     mean = {"splits": [qs.name for qs in sets]}
     mean.update({arm: pope.mean_f1({n: s[arm] for n, s in splits.items()}) for arm in arms})
     if len(arms) == 2:
+        a, b = arms
         preds = {
             arm: {
                 qs.name: [pope.parse_answer(t, strict) for t in texts[arm, qs.name]] for qs in sets
@@ -83,23 +85,23 @@ def score(config: PopeRunConfig, setup, sets, jobs, arms, seconds: float) -> dic
             for arm in arms
         }
         labels = {qs.name: [q.label for q in qs.questions] for qs in sets}
-        both = pope.compare_splits(labels, preds["off"], preds["on"], config.bootstrap, config.seed)
+        both = pope.compare_splits(labels, preds[a], preds[b], config.bootstrap, config.seed)
         for qs in sets:  # the per-question paired outcomes McNemar's test is computed on
-            rows = zip(qs.questions, texts["off", qs.name], texts["on", qs.name], strict=True)
             paired = config.out / "paired" / f"{common.safe_name(qs.name)}.jsonl"
             with outputs.replacing(paired) as f:
-                for q, off, on in rows:
-                    pred_off, pred_on = (pope.parse_answer(t, strict) for t in (off, on))
+                for i, q in enumerate(qs.questions):
                     record = {"question_id": q.question_id, "image": q.image, "label": q.label}
-                    record.update(off=off, on=on, pred_off=pred_off, pred_on=pred_on)
-                    record.update(correct_off=pred_off == q.label, correct_on=pred_on == q.label)
+                    for arm in arms:
+                        pred = preds[arm][qs.name][i]
+                        record[arm] = texts[arm, qs.name][i]
+                        record.update({f"pred_{arm}": pred, f"correct_{arm}": pred == q.label})
                     f.write(json.dumps(record) + "\n")
         for name, comparison in both["splits"].items():
             splits[name]["comparison"] = comparison
         mean["comparison"] = both["mean_f1"]
     results["splits"] = splits
     results["mean_f1"] = mean
-    empty = {f"{name}, guard {arm}": splits[name][arm]["empty"] for name in splits for arm in arms}
+    empty = {f"{name}, {arm}": splits[name][arm]["empty"] for name in splits for arm in arms}
     results["warnings"] = common.empty_warnings(empty, "answers", pope.EMPTY_MEANS[strict])
     results["warnings"] += common.fit_warnings(common.recorded_fit(config.out))
     results["settings"] = common.settings_record(
@@ -143,9 +145,10 @@ def _as_metric(comparison: dict, metric: str) -> dict:
 
 
 NOTES = (
-    "Metrics in percent, positive class 'yes'. delta = guard on - guard off with a paired "
-    "bootstrap 95% interval (questions resampled); McNemar p: exact two-sided test on the "
-    "per-question correctness, per split. The mean over splits is the F1 LLaVA reports."
+    "Metrics in percent, positive class 'yes'. delta = B - A (the second method minus the "
+    "first) with a paired bootstrap 95% interval (questions resampled); McNemar p: exact "
+    "two-sided test on the per-question correctness, per split. The mean over splits is the F1 "
+    "LLaVA reports."
 )
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from ..outputs import write_with
 
-ARM_NAMES = {"off": "guard off", "on": "guard on"}
+ARM_COLOURS = ("#8c8c8c", "#2a7ab0")  # arm A (the baseline), arm B
 
 
 @dataclass(frozen=True)
@@ -35,7 +35,8 @@ def rows_from_comparison(
     for k, m in enumerate(metrics):
         intervals, delta, delta_ci = {}, None, None
         if comparison is not None:
-            intervals = {"off": comparison["ci_a"][m], "on": comparison["ci_b"][m]}
+            a, b = arms
+            intervals = {a: comparison["ci_a"][m], b: comparison["ci_b"][m]}
             delta, delta_ci = comparison["delta"][m], tuple(comparison["ci_delta"][m])
         rows.append(
             Row(
@@ -64,10 +65,10 @@ def _p(p: float | None) -> str:
 def _cells(rows: Sequence[Row]) -> tuple[list[str], list[list[str]]]:
     arms = list(dict.fromkeys(a for r in rows for a in r.values))
     header = ["split", "metric"] if any(r.group for r in rows) else ["metric"]
-    header += [ARM_NAMES.get(a, a) for a in arms]
+    header += list(arms)
     paired = any(r.delta is not None for r in rows)
     if paired:
-        header += ["delta (on - off)", "95% CI"]
+        header += [f"delta ({' - '.join(arms[::-1])})" if len(arms) == 2 else "delta", "95% CI"]
     if any(r.p is not None for r in rows):
         header += ["McNemar p"]
     body = []
@@ -119,7 +120,6 @@ def plot(rows: Sequence[Row], path: str | Path, title: str) -> Path:
     fig = Figure(figsize=(11 if paired else 6, 2.8 * len(groups) + 0.6))
     FigureCanvasAgg(fig)
     axes = fig.subplots(len(groups), 2 if paired else 1, squeeze=False)
-    colours = {"off": "#8c8c8c", "on": "#2a7ab0"}
     for g, group in enumerate(groups):
         these = [r for r in rows if r.group == group]
         arms = list(dict.fromkeys(a for r in these for a in r.values))
@@ -140,8 +140,8 @@ def plot(rows: Sequence[Row], path: str | Path, title: str) -> Path:
                 width,
                 yerr=err,
                 capsize=3,
-                label=ARM_NAMES.get(arm, arm),
-                color=colours.get(arm),
+                label=arm,
+                color=ARM_COLOURS[k % 2],
             )
         ax.set_xticks(range(len(these)), [r.metric for r in these])
         ax.set_title(f"{group}: values (95% CI)" if group else "values (95% CI)", fontsize=10)

@@ -81,16 +81,18 @@ def generate_offline(
     max_tokens: int = 16,
     temperature: float = 0.0,
     top_p: float | None = None,
+    top_k: int | None = None,
     seed: int | None = None,
 ) -> list[Answer]:
     """One answer per (image, prompt); ``prompts`` are full prompts holding ``<image>``
-    (the model's conversation format, e.g. ``"USER: <image>\\n{q} ASSISTANT:"``)."""
+    (the model's conversation format, e.g. ``"USER: <image>\\n{q} ASSISTANT:"``).
+    ``top_k`` None or 0: off (vLLM's default, unlike generate()'s 50)."""
     from vllm import SamplingParams
 
     _pairs(images, prompts)
     params = SamplingParams(
         temperature=temperature, top_p=1.0 if top_p is None else top_p, max_tokens=max_tokens,
-        seed=seed,
+        seed=seed, **({"top_k": top_k} if top_k else {}),
     )  # fmt: skip
     requests = [
         {"prompt": p, "multi_modal_data": {"image": im}, **request_kwargs(g)}
@@ -139,6 +141,7 @@ def generate_openai(
     max_tokens: int = 16,
     temperature: float = 0.0,
     top_p: float | None = None,
+    top_k: int | None = None,
     seed: int | None = None,
     concurrency: int = 8,
     timeout: float = 300.0,
@@ -157,6 +160,8 @@ def generate_openai(
 
     def one(i: int) -> Answer:
         extra = {**(extra_body or {}), **request_kwargs(switches[i]), "return_token_ids": True}
+        if top_k:  # vLLM's sampling field; the OpenAI API has none
+            extra["top_k"] = top_k
         response = client.chat.completions.create(
             model=model,
             messages=chat_messages(images[i], prompts[i], system),

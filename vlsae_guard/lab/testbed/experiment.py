@@ -308,14 +308,15 @@ def ab(
     if baseline is not None:
         _reuse_off_arm(baseline, out)
     results = pope_harness.run(run, progress=False)
+    off, on = results["arms"]  # none, then the guard's method (vlsae or paper)
     splits = {}
     for kind in QUESTION_SETS:
         split = results["splits"][kind]
         comparison = split["comparison"]
         splits[kind] = {
-            "off": {m: split["off"][m] for m in METRICS},
-            "on": {m: split["on"][m] for m in METRICS},
-            "n": split["off"]["n"],
+            "off": {m: split[off][m] for m in METRICS},
+            "on": {m: split[on][m] for m in METRICS},
+            "n": split[off]["n"],
             "mcnemar_p": comparison["mcnemar_p"],
             "discordant": comparison["discordant"],
             "ci_delta_f1": comparison["ci_delta"]["f1"],
@@ -326,23 +327,24 @@ def ab(
         "sae": str(sae),
         "guard": results["settings"]["guard"],
         "splits": splits,
-        "hallucination": hallucination(out / "paired" / "bias.jsonl"),
+        "hallucination": hallucination(out / "paired" / "bias.jsonl", off, on),
     }
 
 
 def _reuse_off_arm(baseline: Path, out: Path) -> None:
-    source = common.answers_dir(baseline, "off")
-    target = common.answers_dir(out, "off")
+    source = common.answers_dir(baseline, "none")
+    target = common.answers_dir(out, "none")
     if source.is_dir() and not target.exists():
         shutil.copytree(source, target)
 
 
-def hallucination(paired: Path) -> dict:
-    """Share of "yes" on the bias-breaking ("no") questions, per arm, and McNemar on them."""
+def hallucination(paired: Path, arm_off: str = "none", arm_on: str = "vlsae") -> dict:
+    """Share of "yes" on the bias-breaking ("no") questions, guard off (arm ``arm_off`` of the
+    harness) and on (``arm_on``), and McNemar on them."""
     rows = [json.loads(line) for line in paired.read_text().splitlines()]
     rows = [r for r in rows if r["label"] == "no"]
-    off = [r["pred_off"] == "yes" for r in rows]
-    on = [r["pred_on"] == "yes" for r in rows]
+    off = [r[f"pred_{arm_off}"] == "yes" for r in rows]
+    on = [r[f"pred_{arm_on}"] == "yes" for r in rows]
     n = len(rows)
     # correct = "no"; discordant counts in the harness's a/b naming (a = off, b = on)
     pairs = discordant([not x for x in off], [not x for x in on])
