@@ -31,4 +31,4 @@ __all__ = [
     "import_official",
     "monosemanticity_score",
 ]
-__version__ = "0.1.0"
+__version__ = "0.2.0"

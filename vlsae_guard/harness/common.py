@@ -353,12 +353,12 @@ def answers_dir(out: Path, arm: str) -> Path:
 
 
 def check_layout(out: Path) -> None:
-    """Refuse to resume a directory written before arms were named by method (0.2): its answers
+    """Refuse to resume a directory written before arms were named by method in 0.2 (0.2): its answers
     would silently be answered again beside the old ones."""
     old = [d for d in ("guard-off", "guard-on") if (out / "answers" / d).is_dir()]
     if old:
         raise BenchmarkError(
-            f"{out} holds answers from before arms were named by method ({', '.join(old)}); "
+            f"{out} holds answers from before arms were named by method in 0.2 ({', '.join(old)}); "
             f"to resume it, rename answers/guard-off to answers/none and answers/guard-on to "
             "answers/vlsae (answers/paper for paper mode), or write to a new --out"
         )

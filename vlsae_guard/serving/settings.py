@@ -80,7 +80,11 @@ class ServeSettings(FrozenSettings):
         if self.guard.mode == "paper":
             raise ValueError(
                 "mode 'paper' (decoder-layer shift with logit fusion) is not supported under "
-                "vLLM; use mode 'projector' (the default)"
+                "vLLM: it is a two-arm method (a plain and a shifted sequence per request, their "
+                "logits fused and one token fed to both each step), and vLLM 0.32 samples each "
+                "sequence on its own, with logits processors that see rows, not pairs of "
+                "requests (docs/serving.md, 'Methods under vLLM'); use mode 'projector' (the "
+                "default), or paper mode with the transformers backend"
             )
         if self.guard.text_grounded:
             raise ValueError(
