@@ -87,6 +87,17 @@ def llava_model_and_tokenizer(tiny_llava_dir):
     ``load_pretrained_model`` would do the same but always casts to float16, which breaks
     exact comparisons with the HF model; ``test_tiny`` checks that it loads the checkpoint too.
     """
+    return _load_llava(tiny_llava_dir)
+
+
+@pytest.fixture(scope="session")
+def load_llava():
+    """Loads another ``llava_model_and_tokenizer``: for a test that leaves state on the model
+    (e.g. transformers' output-capturing hooks, left after ``output_hidden_states=True``)."""
+    return _load_llava
+
+
+def _load_llava(directory):
     pytest.importorskip("llava", reason="original LLaVA not installed (requirements/llava.txt)")
     from transformers import AutoTokenizer
 
@@ -95,9 +106,9 @@ def llava_model_and_tokenizer(tiny_llava_dir):
     ensure_llava_importable()
     from llava.model.language_model.llava_llama import LlavaLlamaForCausalLM
 
-    model = LlavaLlamaForCausalLM.from_pretrained(tiny_llava_dir, dtype=torch.float32).eval()
+    model = LlavaLlamaForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
     model.get_vision_tower().load_model()
-    return model, AutoTokenizer.from_pretrained(tiny_llava_dir)
+    return model, AutoTokenizer.from_pretrained(directory)
 
 
 @pytest.fixture(scope="session")

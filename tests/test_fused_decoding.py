@@ -7,6 +7,8 @@ import math
 
 import pytest
 import torch
+from _decoding_support import alone as rows
+from _decoding_support import left_padded
 
 from vlsae_guard import GuardConfig, guard
 from vlsae_guard.backends import detect
@@ -32,27 +34,9 @@ GREEDY_BEFORE = [
 @pytest.fixture(scope="module")
 def batch(hf_model_and_processor, tiny_images):
     """PROMPTS left-padded to one batch (their lengths differ), one image each."""
-    _, processor = hf_model_and_processor
-    tok = processor.tokenizer
-    side, tok.padding_side = tok.padding_side, "left"
-    try:
-        out = dict(
-            processor(images=tiny_images[:3], text=PROMPTS, return_tensors="pt", padding=True)
-        )
-    finally:
-        tok.padding_side = side
+    out = left_padded(hf_model_and_processor[1], tiny_images[:3], PROMPTS)
     assert len(set(out["attention_mask"].sum(1).tolist())) == 3
     return out
-
-
-def rows(inputs, i):
-    """Sample ``i`` alone, without its padding."""
-    keep = inputs["attention_mask"][i].bool()
-    return {
-        "input_ids": inputs["input_ids"][i : i + 1, keep],
-        "attention_mask": inputs["attention_mask"][i : i + 1, keep],
-        "pixel_values": inputs["pixel_values"][i : i + 1],
-    }
 
 
 def paper(model, sae, inputs, **kwargs):

@@ -8,6 +8,7 @@ import math
 
 import pytest
 import torch
+from _decoding_support import alone, left_padded
 
 from vlsae_guard import methods
 from vlsae_guard.backends import detect
@@ -22,24 +23,7 @@ PROMPTS = [
 
 @pytest.fixture(scope="module")
 def batch(hf_model_and_processor, tiny_images):
-    _, processor = hf_model_and_processor
-    tok = processor.tokenizer
-    side, tok.padding_side = tok.padding_side, "left"
-    try:
-        return dict(
-            processor(images=tiny_images[:2], text=PROMPTS, return_tensors="pt", padding=True)
-        )
-    finally:
-        tok.padding_side = side
-
-
-def alone(inputs, i):
-    keep = inputs["attention_mask"][i].bool()
-    return {
-        "input_ids": inputs["input_ids"][i : i + 1, keep],
-        "attention_mask": inputs["attention_mask"][i : i + 1, keep],
-        "pixel_values": inputs["pixel_values"][i : i + 1],
-    }
+    return left_padded(hf_model_and_processor[1], tiny_images[:2], PROMPTS)
 
 
 def last_logits(model, **inputs):
@@ -105,7 +89,7 @@ def test_m3id_first_step_is_its_formula_on_the_arms(hf_model_and_processor, batc
     assert_scores(first_scores(model, "m3id", batch, lam=lam, beta=beta), expected)
 
 
-@pytest.mark.parametrize("method", ["vcd", "m3id"])
+@pytest.mark.parametrize("method", ["vcd", "m3id", "dola"])
 @pytest.mark.parametrize("sampled", [False, True], ids=["greedy", "sampled"])
 def test_a_padded_batch_decodes_as_each_sample_alone(
     hf_model_and_processor, batch, method, sampled
@@ -114,7 +98,8 @@ def test_a_padded_batch_decodes_as_each_sample_alone(
     decoding = dict(max_new_tokens=8, do_sample=sampled)
     if sampled:
         decoding.update(top_k=0, temperature=1.5)
-    settings = {"beta": 0.02}
+    # DoLa: both tiny layers as candidates, so the per-sample selection is exercised.
+    settings = {"layers": [0, 1]} if method == "dola" else {"beta": 0.02}
     with methods.attach(method, model, **settings) as handle:
         together = handle.generate(**batch, seed=5, **decoding)[:, batch["input_ids"].shape[1] :]
         for i in range(len(PROMPTS)):

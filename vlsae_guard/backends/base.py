@@ -139,13 +139,28 @@ class Backend:
         rest = {k: v for k, v in inputs.items() if k not in image_inputs}
         return {**rest, "input_ids": new_ids, "attention_mask": new_mask}
 
-    def decoder_layers(self) -> nn.ModuleList:
+    def _language_model_part(self, name: str, kind: type, what: str):
+        """``language_model().name`` (or ``.model.name``), an instance of ``kind``."""
         lm = self.language_model()
         for owner in (lm, getattr(lm, "model", None)):
-            layers = getattr(owner, "layers", None)
-            if isinstance(layers, nn.ModuleList):
-                return layers
-        raise UnsupportedModelError(f"{self.name}: cannot find the decoder layers")
+            part = getattr(owner, name, None)
+            if isinstance(part, kind):
+                return part
+        raise UnsupportedModelError(f"{self.name}: cannot find the {what}")
+
+    def decoder_layers(self) -> nn.ModuleList:
+        return self._language_model_part("layers", nn.ModuleList, "decoder layers")
+
+    def final_norm(self) -> nn.Module:
+        """The language model's norm after its last decoder layer, before the output head."""
+        return self._language_model_part("norm", nn.Module, "final norm")
+
+    def output_head(self) -> nn.Module:
+        """The head that maps the final hidden states to logits (``lm_head``)."""
+        head = self.model.get_output_embeddings()
+        if not isinstance(head, nn.Module):
+            raise UnsupportedModelError(f"{self.name}: the model has no output head")
+        return head
 
     def hidden_size(self) -> int:
         return self.model.get_input_embeddings().embedding_dim

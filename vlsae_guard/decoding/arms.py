@@ -61,17 +61,18 @@ class Stream:
     def rows(self) -> int:
         return self.ids.shape[0]
 
-    def prefill(self) -> Tensor:
-        """The prompt's forward: (rows, vocab) float32 logits at the last position."""
+    def prefill(self) -> Any:
+        """The prompt's forward: (rows, vocab) float32 logits at the last position (by default:
+        what :meth:`read` hands back)."""
         self._first = True
         return self._forward(None)
 
-    def feed(self, tokens: Tensor) -> Tensor:
+    def feed(self, tokens: Tensor) -> Any:
         """Append one token per row and run the model on it (on everything, without cache)."""
         self.ids = torch.cat([self.ids, tokens[:, None].to(self.ids)], 1)
         return self._forward(1 if self.use_cache else None)
 
-    def _forward(self, next_length: int | None) -> Tensor:
+    def _forward(self, next_length: int | None) -> Any:
         model = self.model
         inputs = model.prepare_inputs_for_generation(
             self.ids,
@@ -82,6 +83,11 @@ class Stream:
         out = model(**inputs, return_dict=True)
         self._first = False
         self.kwargs = model._update_model_kwargs_for_generation(out, self.kwargs)
+        return self.read(out)
+
+    def read(self, out) -> Any:
+        """What a step hands back from the forward's output: (rows, vocab) float32 logits at the
+        last position (a subclass may read more, e.g. hidden states)."""
         return out.logits[:, -1].to(copy=True, dtype=torch.float32)
 
 

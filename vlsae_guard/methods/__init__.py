@@ -2,9 +2,10 @@
 
 ``none`` is the model as it is; ``vlsae`` the projector guard and ``paper`` the VL-SAE paper's
 layer-L inference (both :func:`vlsae_guard.guard`); ``vcd`` and ``m3id`` the peers that contrast
-against a counterfactual arm. Every handle generates as ``model.generate`` does and ``remove()``
-restores the model. Settings are validated, the SAE loaded and checked, before anything is
-attached. The names are the ones ``--method`` and results files use.
+against a counterfactual arm; ``dola`` contrasts the final layer with an early one. Every
+handle generates as ``model.generate`` does and ``remove()`` restores the model. Settings are
+validated, the SAE loaded and checked, before anything is attached. The names are the ones
+``--method`` and results files use.
 """
 
 from __future__ import annotations
@@ -19,10 +20,12 @@ from torch import nn
 from ..backends import UnsupportedModelError, detect
 from ..core.guard import GuardError, guard
 from ..core.intervention import GuardConfig
+from ..decoding.dola import DoLaSettings
 from ..decoding.fusions import M3IDSettings, VCDSettings
 from ..validation import FrozenSettings
 from .base import Handle, MethodError, MethodHandle, PlainHandle, TwoArmHandle
 from .contrast import M3IDHandle, VCDHandle
+from .dola import DoLaHandle
 
 
 class NoSettings(FrozenSettings):
@@ -80,6 +83,10 @@ METHODS: dict[str, MethodSpec] = {
         MethodSpec(
             "m3id", M3IDSettings, _two_arm(M3IDHandle, "m3id"), False, 2,
             "M3ID: contrast against the prompt without its image, growing with length",
+        ),
+        MethodSpec(
+            "dola", DoLaSettings, _two_arm(DoLaHandle, "dola"), False, 1,
+            "DoLa: contrast the final layer with its most divergent early layer (one forward)",
         ),
     )
 }  # fmt: skip
