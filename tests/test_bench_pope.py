@@ -280,22 +280,29 @@ def test_results_record_the_guards_placement_check(inputs, tiny_hf_dir, tmp_path
     assert plain["settings"]["guard_fit"] is None
 
 
+STRONG = {  # settings that change the tiny model's answers, and one field they set
+    "vcd": (["--vcd-alpha", "3"], ("alpha", 3.0)),
+    "m3id": (["--m3id-lam", "1"], ("lam", 1.0)),
+    "dola": (["--dola-layers", "[0, 1]"], ("layers", [0, 1])),
+}
+
+
 @pytest.mark.parametrize("backend", ["hf", pytest.param("llava", marks=pytest.mark.llava)])
-@pytest.mark.parametrize("peer", ["vcd", "m3id"])
+@pytest.mark.parametrize("peer", list(STRONG))
 def test_a_peer_method_runs_as_an_arm_batched_as_alone(peer, backend, inputs, tmp_path, request):
     """--method M --ab: none vs M; M's settings recorded; batches answer as batch size 1; none
     answers as a run without any method."""
     if backend == "llava":
         pytest.importorskip("llava")
     model = request.getfixturevalue("tiny_llava_dir" if backend == "llava" else "tiny_hf_dir")
-    strong = {"vcd": ["--vcd-alpha", "3"], "m3id": ["--m3id-lam", "1"]}[peer]
-    args = ["--method", peer, "--ab", *strong, "--backend", backend]
+    flags, (field, value) = STRONG[peer]
+    args = ["--method", peer, "--ab", *flags, "--backend", backend]
     one = run(inputs, model, tmp_path / "one", *args, "--batch-size", "1")
     run(inputs, model, tmp_path / "many", *args, "--batch-size", "3")
     run(inputs, model, tmp_path / "plain", "--batch-size", "3", "--backend", backend)
     assert one["arms"] == ["none", peer] and one["settings"]["method"] == peer
     recorded = one["settings"]["method_settings"][peer]
-    assert recorded["alpha" if peer == "vcd" else "lam"] in (3.0, 1.0) and "beta" in recorded
+    assert recorded[field] == value
     for arm in ("none", peer):
         assert texts(tmp_path / "one", arm) == texts(tmp_path / "many", arm)
     assert texts(tmp_path / "one", "none") == texts(tmp_path / "plain", "none")

@@ -353,7 +353,7 @@ def answers_dir(out: Path, arm: str) -> Path:
 
 
 def check_layout(out: Path) -> None:
-    """Refuse to resume a directory written before arms were named by method in 0.2 (0.2): its answers
+    """Refuse to resume a directory written before arms were named by method (0.2): its answers
     would silently be answered again beside the old ones."""
     old = [d for d in ("guard-off", "guard-on") if (out / "answers" / d).is_dir()]
     if old:
