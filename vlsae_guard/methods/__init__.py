@@ -1,10 +1,10 @@
 """Inference methods by name: ``attach(method, model, sae=None, **settings) -> handle``.
 
 ``none`` is the model as it is; ``vlsae`` the projector guard and ``paper`` the VL-SAE paper's
-layer-L inference (both :func:`vlsae_guard.guard`); ``vcd`` and ``m3id`` the peers that contrast
-against a counterfactual arm. Every handle generates as ``model.generate`` does and ``remove()``
-restores the model. Settings are validated, the SAE loaded and checked, before anything is
-attached. The names are the ones ``--method`` and results files use.
+layer-L inference (both :func:`vlsae_guard.guard`); ``vcd``, ``m3id`` and ``pai`` the peers that
+contrast against a counterfactual arm. Every handle generates as ``model.generate`` does and
+``remove()`` restores the model. Settings are validated, the SAE loaded and checked, before
+anything is attached. The names are the ones ``--method`` and results files use.
 """
 
 from __future__ import annotations
@@ -19,10 +19,11 @@ from torch import nn
 from ..backends import UnsupportedModelError, detect
 from ..core.guard import GuardError, guard
 from ..core.intervention import GuardConfig
-from ..decoding.fusions import M3IDSettings, VCDSettings
+from ..decoding.fusions import M3IDSettings, PAISettings, VCDSettings
 from ..validation import FrozenSettings
 from .base import Handle, MethodError, MethodHandle, PlainHandle, TwoArmHandle
 from .contrast import M3IDHandle, VCDHandle
+from .pai import PAIHandle
 
 
 class NoSettings(FrozenSettings):
@@ -80,6 +81,10 @@ METHODS: dict[str, MethodSpec] = {
         MethodSpec(
             "m3id", M3IDSettings, _two_arm(M3IDHandle, "m3id"), False, 2,
             "M3ID: contrast against the prompt without its image, growing with length",
+        ),
+        MethodSpec(
+            "pai", PAISettings, _two_arm(PAIHandle, "pai"), False, 2,
+            "PAI: attention to the image amplified, contrasted against the prompt without it",
         ),
     )
 }  # fmt: skip
