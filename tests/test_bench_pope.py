@@ -284,6 +284,7 @@ STRONG = {  # settings that change the tiny model's answers, and one field they 
     "vcd": (["--vcd-alpha", "3"], ("alpha", 3.0)),
     "m3id": (["--m3id-lam", "1"], ("lam", 1.0)),
     "dola": (["--dola-layers", "[0, 1]"], ("layers", [0, 1])),
+    "pai": (["--pai-start-layer", "0", "--pai-alpha", "2", "--pai-gamma", "2"], ("alpha", 2.0)),
 }
 
 

@@ -1,12 +1,13 @@
-"""The fusions of the two-arm peers: per step, the scores the next token is chosen from, given
-arm *a*'s logits (the model as asked) and arm *b*'s (its counterfactual), both (batch, vocab).
+"""The fusions of the two-arm peers (VCD, M3ID, PAI): per step, the scores the next token is
+chosen from, given arm *a*'s logits (the model as asked) and arm *b*'s (its counterfactual),
+both (batch, vocab).
 
 Each method is a frozen settings model holding its paper's and released code's defaults, and a
 pure function of ``(logits_a, logits_b, step)``; ``settings.fuse`` binds the settings, so the
 decoding engine calls ``fuse(logits_a, logits_b, step)``. Tokens cut by a plausibility
 constraint score ``-inf``. Scores are float32 whatever the arms' dtype (the released codes fuse
 fp16 logits; float32 keeps the cutoff from rounding a token in or out). Temperature, top-k and
-top-p come after the fusion, as in both released codes. The arms' counterfactual inputs are in
+top-p come after the fusion, as in the released codes. The arms' counterfactual inputs are in
 :mod:`vlsae_guard.decoding.counterfactuals`.
 """
 
@@ -15,7 +16,7 @@ from __future__ import annotations
 import math
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from ..validation import FrozenSettings
 
@@ -128,8 +129,75 @@ def m3id_fuse(
     return fused.masked_fill(~plausible(a, settings.beta), -math.inf)
 
 
-FUSIONS: dict[str, type[VCDSettings] | type[M3IDSettings]] = {
+class PAISettings(FrozenSettings):
+    """Paying More Attention to Image: Liu, Zheng and Chen, "Paying More Attention to Image: A
+    Training-Free Method for Alleviating Hallucination in LVLMs", ECCV 2024 (arXiv 2407.21771);
+    code LALBJ/PAI. Two parts: arm *a*'s attention to the image is amplified
+    (:mod:`vlsae_guard.methods.pai`: ``alpha`` and the layers), and the next-token scores
+    contrast arm *a* with the prompt without its image (:func:`pai_fuse`: ``gamma``, ``beta``).
+
+    Defaults are the released evaluation commands' (README: ``--alpha 0.2 --gamma 1.1
+    --start-layer 2 --end-layer 32`` for POPE and CHAIR; the scripts' argparse default of
+    ``gamma`` is 2, which those commands override). ``beta`` is hard-coded in ``CFG.py``
+    (``log(0.1)``). Deviation: ``end_layer`` None means through the last layer, which on
+    LLaVA-1.5-7B (32 layers) is the released ``--end-layer 32``; on deeper models (13B: 40) pass
+    ``end_layer=32`` to reproduce the released scripts exactly.
+    """
+
+    alpha: float = Field(0.2, ge=0.0, description="image-attention amplification; 0: none")
+    gamma: float = Field(1.1, ge=1.0, description="guidance scale against the text-only arm")
+    beta: float = Field(0.1, gt=0.0, le=1.0, description="plausibility cutoff, relative to max p")
+    start_layer: int = Field(2, ge=0, description="first decoder layer amplified (0-based)")
+    end_layer: int | None = Field(None, ge=1, description="layers amplified end here (excluded)")
+
+    @model_validator(mode="after")
+    def _layers_in_order(self) -> PAISettings:
+        if self.end_layer is not None and self.end_layer <= self.start_layer:
+            raise ValueError(
+                f"end_layer ({self.end_layer}) must exceed start_layer ({self.start_layer})"
+            )
+        return self
+
+    def layers(self, count: int) -> range:
+        """The indices of the amplified layers in a model with ``count`` decoder layers;
+        ValueError where the range names layers the model lacks or none at all."""
+        end = count if self.end_layer is None else self.end_layer
+        if end > count or self.start_layer >= end:
+            raise ValueError(
+                f"layers {self.start_layer} .. {end - 1} are asked for, and the model has "
+                f"{count} decoder layers (0 .. {count - 1}); set start_layer / end_layer"
+            )
+        return range(self.start_layer, end)
+
+    def fuse(self, logits_a: torch.Tensor, logits_b: torch.Tensor, step: int) -> torch.Tensor:
+        return pai_fuse(logits_a, logits_b, step, self)
+
+
+def pai_fuse(
+    logits_a: torch.Tensor, logits_b: torch.Tensor, step: int, settings: PAISettings
+) -> torch.Tensor:
+    """``gamma * (l_a - l_b) + l_b`` on the tokens :func:`plausible` keeps under ``l_a``,
+    ``-inf`` elsewhere; ``l_a``, ``l_b`` the log-softmax of arm *a* (the image, its attention
+    amplified) and arm *b* (the prompt without its image). With ``gamma == 1`` the scores are
+    ``l_a`` with no cutoff.
+
+    Follows LALBJ/PAI ``CFG.py`` (``CFGLogits``, a logits processor that generate() runs before
+    its sampling warpers): log-softmaxes, not raw logits, are contrasted; the cutoff compares
+    ``l_a`` with ``log(beta) + max l_a``; ``gamma == 1`` returns ``l_a`` unchanged; ``step`` is
+    unused. Deviation: float32 arithmetic (see the module).
+    """
+    _check(logits_a, logits_b, step)
+    log_a = torch.log_softmax(logits_a.float(), dim=-1)
+    if settings.gamma == 1.0:
+        return log_a
+    log_b = torch.log_softmax(logits_b.float(), dim=-1)
+    fused = settings.gamma * (log_a - log_b) + log_b
+    return fused.masked_fill(~plausible(log_a, settings.beta), -math.inf)
+
+
+FUSIONS: dict[str, type[VCDSettings] | type[M3IDSettings] | type[PAISettings]] = {
     "vcd": VCDSettings,
     "m3id": M3IDSettings,
+    "pai": PAISettings,
 }
 """Settings model by method name; ``FUSIONS[name](**flags).fuse`` is the method's fusion."""

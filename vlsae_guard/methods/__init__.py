@@ -1,10 +1,10 @@
 """Inference methods by name: ``attach(method, model, sae=None, **settings) -> handle``.
 
 ``none`` is the model as it is; ``vlsae`` the projector guard and ``paper`` the VL-SAE paper's
-layer-L inference (both :func:`vlsae_guard.guard`); ``vcd`` and ``m3id`` the peers that contrast
-against a counterfactual arm; ``dola`` contrasts the final layer with an early one. Every
-handle generates as ``model.generate`` does and ``remove()`` restores the model. Settings are
-validated, the SAE loaded and checked, before anything is attached. The names are the ones
+layer-L inference (both :func:`vlsae_guard.guard`); ``vcd``, ``m3id`` and ``pai`` the peers that
+contrast against a counterfactual arm; ``dola`` contrasts the final layer with an early one.
+Every handle generates as ``model.generate`` does and ``remove()`` restores the model. Settings
+are validated, the SAE loaded and checked, before anything is attached. The names are the ones
 ``--method`` and results files use.
 """
 
@@ -21,11 +21,12 @@ from ..backends import UnsupportedModelError, detect
 from ..core.guard import GuardError, guard
 from ..core.intervention import GuardConfig
 from ..decoding.dola import DoLaSettings
-from ..decoding.fusions import M3IDSettings, VCDSettings
+from ..decoding.fusions import M3IDSettings, PAISettings, VCDSettings
 from ..validation import FrozenSettings
 from .base import Handle, MethodError, MethodHandle, PlainHandle, TwoArmHandle
 from .contrast import M3IDHandle, VCDHandle
 from .dola import DoLaHandle
+from .pai import PAIHandle
 
 
 class NoSettings(FrozenSettings):
@@ -83,6 +84,10 @@ METHODS: dict[str, MethodSpec] = {
         MethodSpec(
             "m3id", M3IDSettings, _two_arm(M3IDHandle, "m3id"), False, 2,
             "M3ID: contrast against the prompt without its image, growing with length",
+        ),
+        MethodSpec(
+            "pai", PAISettings, _two_arm(PAIHandle, "pai"), False, 2,
+            "PAI: attention to the image amplified, contrasted against the prompt without it",
         ),
         MethodSpec(
             "dola", DoLaSettings, _two_arm(DoLaHandle, "dola"), False, 1,
