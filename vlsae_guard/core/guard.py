@@ -30,6 +30,7 @@ from .fit import DEFAULT_MIN_FIT, GuardFit, GuardFitWarning, measure_fit
 from .intervention import GuardConfig, ProjectorIntervention
 from .paper import FusionProcessor, PaperIntervention, PaperState
 from .sae import SparseAutoencoder
+from .sae_config import Point, layer_site
 
 # Models currently guarded, so a second guard() is refused instead of stacking hooks.
 _ACTIVE: weakref.WeakKeyDictionary[nn.Module, GuardHandle] = weakref.WeakKeyDictionary()
@@ -209,16 +210,20 @@ class GuardHandle:
         if self.fit is None and bool(batch.has_image.any()):
             v_bar, t_bar = batch.pooled()
             self._measure_fit(
-                f"layer:{self.config.layer + (self.config.point == 'output')}",
+                layer_site(self.config.layer, self.config.point),
                 self.intervention.sae_inputs(v_bar, "vision"),
                 self.intervention.sae_inputs(t_bar, "text"),
+                self.config.point,
             )
         self.stats.calls += 1
         return new
 
-    def _measure_fit(self, site: str, vision: Tensor, text: Tensor | None) -> None:
+    def _measure_fit(
+        self, site: str, vision: Tensor, text: Tensor | None, point: Point | None = None
+    ) -> None:
         """Fill ``fit``; below ``min_fit``, warn, or (strict) detach and raise."""
-        self.fit = measure_fit(self.intervention.sae, site, self.min_fit, vision, text)
+        sae = self.intervention.sae
+        self.fit = measure_fit(sae, site, self.min_fit, vision, text, point)
         self._fit_text = None
         problem = self.fit.problem
         if problem is None:
