@@ -304,8 +304,10 @@ def guard(
         sae = load(sae)
     _check_fits(backend, sae, config)
     device = next(backend.projector().parameters()).device
-    if sae.device != device:
-        sae = copy.deepcopy(sae).to(device)  # never move the caller's SAE behind their back
+    dtype = getattr(torch, config.sae_dtype) if config.sae_dtype else sae.dtype
+    if sae.device != device or sae.dtype != dtype:
+        # Never move or cast the caller's SAE behind their back (the auxiliary AE goes along).
+        sae = copy.deepcopy(sae).to(device=device, dtype=dtype)
     sae.eval()
     try:
         if config.mode == "paper":
