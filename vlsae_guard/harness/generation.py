@@ -267,14 +267,21 @@ def load(
     config=None,
     seed: int = 0,
     options: dict | None = None,
+    image_aspect: backends.ImageAspect | None = None,
 ) -> Generator:
     """Load ``model`` (a directory or Hub id; for ``openai`` the served name or ``None``) for
     ``backend``, ready for both arms when ``sae`` is given.
 
     ``options`` are the backend's own: ``vllm``: ``engine_args`` (``vllm.LLM`` keyword
-    arguments); ``openai``: ``base_url``, ``concurrency``, ``extra_body``.
+    arguments); ``openai``: ``base_url``, ``concurrency``, ``extra_body``. ``image_aspect``
+    (``hf``, ``llava``): pad images to a square or centre-crop them (:func:`backends.load`).
     """
     options = options or {}
+    if image_aspect is not None and backend in SERVED:
+        raise BackendUnavailable(
+            f"image_aspect={image_aspect!r} applies to --backend hf and llava; --backend "
+            f"{backend} preprocesses images in vLLM as the checkpoint's processor says"
+        )
     if backend == "openai":
         return OpenAIGenerator(
             options["base_url"], options.get("served_model") or model, seed,
@@ -298,6 +305,7 @@ def load(
         family=backend,
         prompt_format=prompt_format,
         conv_mode="vicuna_v1",
+        image_aspect=image_aspect,
     )
     generator = LocalGenerator(backend, loaded)
     if sae is not None:
