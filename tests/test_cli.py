@@ -104,6 +104,16 @@ def test_layer_implies_site_layer(files, tmp_path):
     }
 
 
+def test_point_records_where_in_the_layer(files, tmp_path, capsys):
+    argv = ["import-official", "--sae", str(files["sae.pth"]), "--out", str(tmp_path)]
+    code, stdout, _ = run(capsys, *argv, "--topk", str(K), "--layer", "30", "--point", "input")
+    assert code == 0 and "model not recorded, layer 30 (input)" in stdout
+    source = load(tmp_path).config.source
+    assert (source.site, source.layer, source.point, source.place) == (
+        "layer", 30, "input", "layer:30"
+    )  # fmt: skip
+
+
 @pytest.mark.parametrize("check", [[], ["--check"]], ids=["config", "check"])
 def test_info_prints_the_config_as_json(checkpoint, capsys, check):
     code, stdout, stderr = run(capsys, "info", str(checkpoint), *check)
@@ -135,7 +145,11 @@ ERRORS = {
     ),
     "layer-needed": (
         "import-official --sae {sae} --out {out} --topk 4 --site layer",
-        "--site/--layer: Value error, site 'layer' needs a layer index",
+        "--site/--layer/--point: Value error, site 'layer' needs a layer index",
+    ),
+    "point-without-layer": (
+        "import-official --sae {sae} --out {out} --topk 4 --point input",
+        "--site/--layer/--point: Value error, point applies to site 'layer' only",
     ),
     "layer-negative": (
         "import-official --sae {sae} --out {out} --topk 4 --site layer --layer -1",

@@ -100,6 +100,7 @@ def test_layer_site_equals_manual_forward(
             pooling=pooling,
         )
         assert result.manifest.prompt == "USER: <image>\n{caption} ASSISTANT:"
+        assert (result.manifest.layer, result.manifest.point) == (1, "input")  # its pre-hook
         rows = rows_by_pair(tmp_path / pooling)
         for i in (0, 3, 6):
             vision, text = manual_layer_input(reference_model, processor, images[i], CAPTIONS[i], 1)
@@ -112,7 +113,8 @@ def test_layer_site_equals_manual_forward(
 
 def test_projector_site_rows(hf_model_and_processor, tiny_hf_dir, pairs_file, tmp_path):
     model, processor = hf_model_and_processor
-    run(hf_model_and_processor, tiny_hf_dir, pairs_file, tmp_path / "s")
+    result = run(hf_model_and_processor, tiny_hf_dir, pairs_file, tmp_path / "s")
+    assert (result.manifest.site, result.manifest.point) == ("projector", None)
     rows = rows_by_pair(tmp_path / "s")
     image = tiny.make_images(7, seed=3)[4]
     seen = []

@@ -78,3 +78,60 @@ def test_the_old_name_method_still_works_with_a_warning():
     with pytest.raises(ValueError, match="give rewrite= only"):
         GuardConfig(method="edit", rewrite="replace")
     assert "rewrite" in GuardConfig().model_dump() and "method" not in GuardConfig().model_dump()
+
+
+def test_paper_mode_flags_set_every_paper_setting():
+    argv = ["--vlsae-guard", "sae", "--vlsae-mode", "paper", "--vlsae-layer", "30"]
+    config = settings_from_args(
+        parse(
+            *argv,
+            *("--vlsae-point", "input", "--vlsae-beta", "0.5", "--vlsae-c-alpha", "0.4"),
+            *("--vlsae-c-beta", "0.7", "--vlsae-exact", "--vlsae-sae-dtype", "float16"),
+            *("--vlsae-topk-ties", "official"),
+        )
+    )
+    assert config == GuardConfig(
+        mode="paper",
+        layer=30,
+        point="input",
+        beta=0.5,
+        c_alpha=0.4,
+        c_beta=0.7,
+        exact=True,
+        sae_dtype="float16",
+        topk_ties="official",
+    )
+    # Unset flags leave GuardConfig's defaults (and set no field).
+    assert settings_from_args(parse(*argv)).model_fields_set == {"mode", "layer", "alpha"}
+
+
+PAPER = ["--vlsae-mode", "paper", "--vlsae-layer", "3"]
+
+
+@pytest.mark.parametrize(
+    "argv, match",
+    [
+        ([*PAPER, "--vlsae-beta", "1.5"], "--vlsae-beta: Input should be less than or equal"),
+        ([*PAPER, "--vlsae-c-beta", "0"], "--vlsae-c-beta: Input should be greater than 0"),
+        ([*PAPER, "--vlsae-c-alpha", "nan"], "--vlsae-c-alpha: "),
+        (["--vlsae-topk-ties", "official"], r"\['topk_ties'\] apply to mode 'paper' only"),
+        (["--vlsae-sae-dtype", "float16"], r"\['sae_dtype'\] apply to mode 'paper' only"),
+        (["--vlsae-exact"], r"\['exact'\] apply to mode 'paper' only"),
+    ],
+)
+def test_paper_mode_flags_are_validated_by_guard_config(argv, match):
+    with pytest.raises(GuardFlagsError, match=match):
+        settings_from_args(parse("--vlsae-guard", "sae", *argv))
+
+
+def test_paper_flag_help_shows_guard_configs_defaults():
+    parser = argparse.ArgumentParser()
+    add_guard_flags(parser)
+    helps = {a.option_strings[0]: a.help for a in parser._actions if a.option_strings}
+    for field in ("point", "beta", "c_alpha", "c_beta", "topk_ties"):
+        flag = "--vlsae-" + field.replace("_", "-")
+        default = GuardConfig.model_fields[field].default
+        assert helps[flag].startswith("paper mode: ")
+        assert helps[flag].endswith(f"(default: {default:g})" if isinstance(default, float)
+                                    else f"(default: {default})")  # fmt: skip
+    assert helps["--vlsae-sae-dtype"].endswith("(default: as loaded)")

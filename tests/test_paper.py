@@ -7,8 +7,9 @@ import math
 import pytest
 import torch
 
-from vlsae_guard import guard
+from vlsae_guard import AuxConfig, GuardConfig, SAEConfig, build, guard
 from vlsae_guard.backends import detect
+from vlsae_guard.core.paper import PaperIntervention
 
 LAYER, ALPHA, BETA, C_ALPHA, C_BETA = 1, 0.8, 0.9, 0.6, 0.8
 STEPS = 5
@@ -202,3 +203,42 @@ def test_input_point_shifts_the_layer_input(hf_model_and_processor, sae, inputs)
     _, at_output = paper_generate(model, sae, inputs)
     _, at_input = paper_generate(model, sae, inputs, point="input")
     assert not torch.equal(torch.stack(at_input), torch.stack(at_output))
+
+
+def test_float16_sae_is_a_cast_copy_and_the_default_keeps_the_callers(
+    hf_model_and_processor, inputs
+):
+    """sae_dtype="float16" (the official scripts' .half()) casts a copy, auxiliary AE included;
+    by default the caller's float32 SAE itself is used."""
+    model, _ = hf_model_and_processor
+    aux = AuxConfig(d_vision=64, d_text=64, d_proj=64)
+    sae = build(SAEConfig(d_in=64, n_concepts=128, k=8, aux=aux)).eval()
+    settings = dict(mode="paper", layer=LAYER, min_fit=-1e6)
+    with guard(model, sae, **settings) as handle:
+        assert handle.intervention.sae is sae
+    with guard(model, sae, sae_dtype="float16", topk_ties="official", **settings) as handle:
+        used = handle.intervention.sae
+        ids = handle.generate(**inputs, max_new_tokens=2, do_sample=False)
+    assert used is not sae and sae.dtype == torch.float32
+    assert {p.dtype for p in used.parameters()} == {torch.float16}  # the aux AE's too
+    assert used.aux.vision_projection.weight.dtype == torch.float16
+    assert ids.shape[1] == inputs["input_ids"].shape[1] + 2 and handle.stats.calls > 0
+
+
+def test_official_ties_reach_the_text_shift():
+    """The shift encodes both pooled vectors with the configured TopK: on a wide float16 SAE
+    "official" drops ties that "keep-k" keeps, so the two shifts differ."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)  # fixed weights: the suite's order must not decide the ties
+        sae = build(SAEConfig(d_in=64, n_concepts=4096, k=64)).half().eval()
+    gen = torch.Generator().manual_seed(0)
+    v_bar, t_bar = torch.randn(2, 8, 64, generator=gen).half()
+    shifts = {}
+    for ties in ("keep-k", "official"):
+        config = GuardConfig(mode="paper", layer=0, topk_ties=ties)
+        shifts[ties] = PaperIntervention(sae, config).text_shift(v_bar, t_bar)
+        with torch.no_grad():
+            z_v, z_t = sae.encode(v_bar, "vision", ties), sae.encode(t_bar, "text", ties)
+            by_hand = ALPHA * (sae.decode(torch.lerp(z_t, z_v, BETA), "text") - t_bar)
+        assert torch.equal(shifts[ties], by_hand)
+    assert not torch.equal(shifts["keep-k"], shifts["official"])

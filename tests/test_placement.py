@@ -238,3 +238,60 @@ def test_min_fit_must_be_finite(hf_model_and_processor, fitted, bad):
     model, _ = hf_model_and_processor
     with pytest.raises(GuardError, match="min_fit must be a finite"):
         guard(model, fitted, min_fit=bad)
+
+
+def test_source_point_names_the_place_of_a_layer():
+    assert Source(site="layer", layer=3, point="output").place == "layer:4"
+    assert Source(site="layer", layer=3, point="input").place == "layer:3"
+    assert Source(site="layer", layer=3).place == "layer:3"  # not recorded: collect's input
+    assert Source(site="projector").place == "projector" and Source().place is None
+    old = SAEConfig.model_validate_json(
+        '{"d_in": 4, "n_concepts": 8, "k": 2, "source": {"site": "layer", "layer": 3}}'
+    )  # a config.json written before the point was recorded
+    assert old.source.point is None
+    for bad in ({"point": "input"}, {"site": "projector", "point": "output"}):
+        with pytest.raises(ValueError, match="point applies to site 'layer' only"):
+            Source(**bad)
+
+
+@pytest.mark.parametrize(
+    "trained, settings, place",
+    [  # the same residual-stream tensor, named from either side of the layer boundary
+        ({"layer": LAYER, "point": "output"}, {"layer": LAYER}, "layer:1"),
+        ({"layer": LAYER + 1, "point": "input"}, {"layer": LAYER}, "layer:1"),
+        ({"layer": LAYER, "point": "output"}, {"layer": LAYER + 1, "point": "input"}, "layer:1"),
+        ({"layer": LAYER, "point": "input"}, {"layer": LAYER, "point": "input"}, "layer:0"),
+    ],
+)
+def test_paper_mode_at_the_trained_place_does_not_warn(
+    hf_model_and_processor, images, fitted, trained, settings, place
+):
+    model, processor = hf_model_and_processor
+    sae = relabelled(fitted, site="layer", **trained)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        with guard(model, sae, mode="paper", min_fit=-1e6, **settings) as handle:
+            handle.generate(**inputs(processor, images[:4], QUESTIONS * 2), max_new_tokens=1)
+    assert fit_warnings(record) == []
+    assert handle.fit.site == handle.fit.trained_site == place
+    assert handle.fit.trained_point == trained["point"]
+
+
+def test_paper_mode_at_another_point_warns_once_naming_both(hf_model_and_processor, images, fitted):
+    """The official protocol's case: trained at the input of layer L, guarding its output."""
+    model, processor = hf_model_and_processor
+    batch = inputs(processor, images[:4], QUESTIONS * 2)
+    for point, trained in (("input", "the input of decoder layer 0"), (None, "point not recorded")):
+        sae = relabelled(fitted, site="layer", layer=LAYER, point=point)
+        with warnings.catch_warnings(record=True) as record:
+            warnings.simplefilter("always")
+            with guard(model, sae, mode="paper", layer=LAYER, min_fit=-1e6) as handle:
+                handle.generate(**batch, max_new_tokens=2, do_sample=False)
+                handle.generate(**batch, max_new_tokens=2, do_sample=False)
+        (message,) = fit_warnings(record)  # once: the placement check is the only one
+        assert message.startswith(
+            "the SAE reads layer:1 (the output of decoder layer 0) but was trained at layer:0 ("
+        )
+        assert trained in message
+        assert (handle.fit.point, handle.fit.trained_point) == ("output", point)
+        assert GuardFit(**json.loads(json.dumps(handle.fit.to_json()))) == handle.fit

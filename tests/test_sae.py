@@ -229,6 +229,50 @@ def test_tie_at_the_kth_boundary_keeps_exactly_k():
     assert_close64(ours[kept], ref[kept])
 
 
+def test_official_ties_drop_the_tie_at_the_boundary_as_the_reference():
+    """``ties="official"``: the reference's TopK, so the tie above keeps k - 1 concepts."""
+    sae = make("vl-sae")
+    rows = torch.eye(D)[[*range(K - 1), K - 1, K - 1]]
+    rest = torch.eye(D)[[K + i % (D - K) for i in range(N - K - 1)]]
+    sae.encoder.data.copy_(torch.cat([rows, rest]))
+    x = torch.zeros(1, D)
+    x[0, :K] = torch.arange(K, 0, -1).float()
+    codes = sae.encode_topk(x, ties="official")
+    ref = reference.encode(x, sae.encoder.detach(), K)
+    assert codes.values.shape == (1, K) and (codes.values != 0).sum() == K - 1
+    assert torch.equal(codes.dense(), ref)
+    assert (sae.encode(x, ties="keep-k") != 0).sum() == K
+
+
+@pytest.mark.parametrize("architecture", ARCHS)
+def test_float16_official_ties_keep_fewer_than_k_like_the_reference(architecture):
+    """In float16 many activations round alike: the reference keeps fewer than k of a wide
+    SAE's concepts; ``ties="official"`` keeps the very same ones, "keep-k" always k."""
+    n, k, d = 4096, 64, 64
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)  # fixed weights: the suite's order must not decide the ties
+        sae = build(SAEConfig(architecture=architecture, d_in=d, n_concepts=n, k=k))
+    sae = sae.half().eval()
+    x = randn(64, d, seed=5).half()
+    with torch.no_grad():
+        official = sae.encode(x, "text", ties="official")
+        keep_k = sae.encode(x, "text")
+        if architecture == "vl-sae":
+            acts = reference.activations(x, sae.encoder)
+        else:
+            encoder = sae.encoder if architecture == "sae-v" else sae.text_encoder
+            acts = F.relu(encoder(x))
+    kept = (official != 0).sum(-1)
+    assert torch.equal(official, reference.sparsify(acts, k))
+    assert (kept <= k).all() and (kept < k).any()
+    assert ((keep_k != 0).sum(-1) == k).all()
+
+
+def test_unknown_ties_are_refused(vlsae):
+    with pytest.raises(ValueError, match="ties must be one of"):
+        vlsae.encode_topk(torch.zeros(1, D), ties="exact")
+
+
 def test_empty_batch_round_trips(sae):
     x = torch.empty(0, D)
     assert sae.encode(x).shape == (0, N)

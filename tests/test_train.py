@@ -403,7 +403,10 @@ def test_collect_train_guard_paper_mode(
     )
     sae = train(config).sae
     assert sae.config.aux.d_proj == sae.config.d_in == 32
-    assert (sae.config.source.site, sae.config.source.layer) == ("layer", 1)
+    source = sae.config.source
+    assert (source.site, source.layer, source.point, source.place) == (
+        "layer", 1, "input", "layer:1"
+    )  # fmt: skip
     image = Image.open(caption_pairs.parent / "1.png").convert("RGB")
     inputs = processor(
         images=[image], text=["USER: <image>\nDescribe. ASSISTANT:"], return_tensors="pt"

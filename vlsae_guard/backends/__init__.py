@@ -5,7 +5,17 @@ generation, and where the projector and layers are; :mod:`.families` picks the f
 from __future__ import annotations
 
 from ._llava_compat import ensure_llava_importable
-from .base import Backend, Family, Inputs, LoadedModel, Prompt, UnsupportedModelError, move
+from .base import (
+    IMAGE_ASPECTS,
+    Backend,
+    Family,
+    ImageAspect,
+    Inputs,
+    LoadedModel,
+    Prompt,
+    UnsupportedModelError,
+    move,
+)
 from .families import (
     BACKENDS,
     checkpoint_family,
@@ -18,6 +28,8 @@ from .families import (
 
 __all__ = [
     "BACKENDS",
+    "IMAGE_ASPECTS",
+    "ImageAspect",
     "Backend",
     "Family",
     "Inputs",

@@ -18,6 +18,12 @@ import torch
 from torch import Tensor, nn
 
 Family = Literal["hf", "llava"]  # transformers' LLaVA classes, or the original llava package
+# How an image becomes the vision tower's square: "pad" centres it on a square of the
+# processor's mean colour first (LLaVA-1.5's expand2square, image_aspect_ratio "pad"); "crop"
+# resizes its shortest side and crops the centre (CLIP's preprocessing, the official VL-SAE
+# scripts'). None: what the checkpoint's own config and processor do.
+ImageAspect = Literal["pad", "crop"]
+IMAGE_ASPECTS: tuple[ImageAspect, ...] = ("pad", "crop")
 
 
 class UnsupportedModelError(TypeError):
@@ -269,3 +275,30 @@ def placement(model: nn.Module) -> tuple[torch.device, torch.dtype]:
     """Device and dtype of the model's first parameter: where its inputs go."""
     param = next(model.parameters())
     return param.device, param.dtype
+
+
+def pad_to_square(image, mean: Sequence[float]):
+    """LLaVA-1.5's ``expand2square``: a PIL image centred on a square of colour ``mean``
+    (the processor's ``image_mean``, in [0, 1]); square images are returned as they are."""
+    from PIL import Image
+
+    width, height = image.size
+    if width == height:
+        return image
+    side = max(width, height)
+    square = Image.new(image.mode, (side, side), tuple(int(m * 255) for m in mean))
+    square.paste(image, ((side - width) // 2, (side - height) // 2))
+    return square
+
+
+def check_image_aspect(image_aspect: str | None, anyres: bool, where: str) -> None:
+    """Refuse an unknown aspect, or any for an anyres model (its crops are its own)."""
+    if image_aspect is None:
+        return
+    if image_aspect not in IMAGE_ASPECTS:
+        raise ValueError(f"image_aspect {image_aspect!r}: expected one of {IMAGE_ASPECTS} or None")
+    if anyres:
+        raise ValueError(
+            f"image_aspect={image_aspect!r}: {where} tiles images at several resolutions "
+            "(anyres); pad and crop apply to single-square models such as LLaVA-1.5"
+        )

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from . import hf, original
-from .base import Backend, Family, LoadedModel, UnsupportedModelError
+from .base import Backend, Family, ImageAspect, LoadedModel, UnsupportedModelError
 from .hf import HFLlava, HFLlavaNext
 from .original import OriginalLlava
 
@@ -98,17 +98,21 @@ def load(
     family: Family | None = None,
     prompt_format: str = "llava",
     conv_mode: str = "llava_v1",
+    image_aspect: ImageAspect | None = None,
 ) -> LoadedModel:
     """``model_id`` (a folder or Hub id) in eval mode on ``device``/``dtype``, with its inputs.
 
     ``family`` defaults to the checkpoint's (:func:`checkpoint_family`). Generation prompts:
     ``prompt_format`` for ``hf`` (``llava`` or ``chat-template``); ``conv_mode``, a
     ``llava.conversation`` template, for ``llava`` (which builds no other format).
+    ``image_aspect``: ``"pad"`` to a square or CLIP's centre ``"crop"``
+    (:data:`~vlsae_guard.backends.base.ImageAspect`); None: what the checkpoint does (the
+    original LLaVA-1.5 pads, llava-hf's processor crops).
     """
     if family is None:
         family = checkpoint_family(read_model_config(model_id), f"{model_id}/config.json")
     if family == "hf":
-        return hf.load(model_id, dtype, device, prompt_format)
+        return hf.load(model_id, dtype, device, prompt_format, image_aspect)
     if family != "llava":
         raise ValueError(f"family {family!r}: expected 'hf' or 'llava'")
     if prompt_format != "llava":
@@ -116,4 +120,4 @@ def load(
             f"prompt_format {prompt_format!r}: the original llava package builds its own "
             "conversation only ('llava')"
         )
-    return original.load(model_id, dtype, device, conv_mode)
+    return original.load(model_id, dtype, device, conv_mode, image_aspect)

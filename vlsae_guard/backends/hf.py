@@ -12,6 +12,7 @@ published numbers were produced with; ``chat-template`` applies the checkpoint's
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 
 import torch
@@ -19,11 +20,14 @@ from torch import Tensor, nn
 
 from .base import (
     Backend,
+    ImageAspect,
     Inputs,
     LayoutSink,
     LoadedModel,
     Prompt,
     PromptSink,
+    check_image_aspect,
+    pad_to_square,
     placement,
     wrap_method,
 )
@@ -183,17 +187,37 @@ class HFInputs(Inputs):
     """``transformers`` LLaVA / LLaVA-NeXT through the checkpoint's processor.
 
     Collection follows the checkpoint's chat template (LLaVA-1.5's user turn without one);
-    generation follows ``prompt_format`` (:data:`PROMPT_FORMATS`).
+    generation follows ``prompt_format`` (:data:`PROMPT_FORMATS`). ``image_aspect``
+    (:data:`~vlsae_guard.backends.base.ImageAspect`) overrides the processor's pad-or-crop on a
+    copy of it; None keeps what it does (llava-hf's LLaVA-1.5: CLIP's centre crop).
     """
 
     family = "hf"
 
-    def __init__(self, processor, prompt_format: str = "llava"):
+    def __init__(
+        self, processor, prompt_format: str = "llava", image_aspect: ImageAspect | None = None
+    ):
         if prompt_format not in PROMPT_FORMATS:
             raise ValueError(f"prompt_format {prompt_format!r}: expected one of {PROMPT_FORMATS}")
+        images = processor.image_processor
+        check_image_aspect(image_aspect, hasattr(images, "image_grid_pinpoints"), "LLaVA-NeXT")
+        if image_aspect is not None:
+            processor, images = copy.copy(processor), copy.deepcopy(images)
+            processor.image_processor = images
+            # LlavaImageProcessor's own padding off (pad squares the image beforehand).
+            for attr, value in (("do_pad", False), ("do_center_crop", True)):
+                if hasattr(images, attr):
+                    setattr(images, attr, value)
         self.processor = processor
         self.prompt_format = prompt_format
+        self.image_aspect = image_aspect
         self.image_token = getattr(processor, "image_token", "<image>")
+
+    def images(self, images) -> list:
+        """``images`` as the processor gets them: squared first for ``image_aspect="pad"``."""
+        if self.image_aspect != "pad":
+            return list(images)
+        return [pad_to_square(image, self.processor.image_processor.image_mean) for image in images]
 
     def image_prompt(self) -> str:
         return self.image_token
@@ -204,6 +228,7 @@ class HFInputs(Inputs):
         return LLAVA_1_5_TEMPLATE.format(caption=caption)
 
     def batch(self, images: list, prompts: list[str]) -> dict:
+        images = self.images(images)
         return dict(self.processor(images=images, text=prompts, return_tensors="pt", padding=True))
 
     def caption_ids(self, captions: list[str]) -> list[list[int]]:
@@ -218,7 +243,7 @@ class HFInputs(Inputs):
         tok.padding_side = "left"
         device, dtype = placement(model)
         inputs = self.processor(
-            images=list(images),
+            images=self.images(images),
             text=[self.question_prompt(q) for q in questions],
             return_tensors="pt",
             padding=True,
@@ -232,11 +257,15 @@ class HFInputs(Inputs):
 
 
 def load(
-    model_id: str, dtype: torch.dtype, device: str | torch.device, prompt_format: str = "llava"
+    model_id: str,
+    dtype: torch.dtype,
+    device: str | torch.device,
+    prompt_format: str = "llava",
+    image_aspect: ImageAspect | None = None,
 ) -> LoadedModel:
     """The checkpoint through transformers' auto classes, in eval mode on ``device``/``dtype``."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
+    inputs = HFInputs(AutoProcessor.from_pretrained(model_id), prompt_format, image_aspect)
     model = AutoModelForImageTextToText.from_pretrained(model_id, dtype=dtype)
-    model = model.to(device).eval()
-    return LoadedModel(model, HFInputs(AutoProcessor.from_pretrained(model_id), prompt_format))
+    return LoadedModel(model.to(device).eval(), inputs)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 from collections.abc import Callable
+from types import SimpleNamespace
 
 import torch
 from torch import Tensor, nn
@@ -19,11 +20,13 @@ from torch import Tensor, nn
 from ._llava_compat import ensure_llava_importable
 from .base import (
     Backend,
+    ImageAspect,
     Inputs,
     LayoutSink,
     LoadedModel,
     Prompt,
     PromptSink,
+    check_image_aspect,
     move,
     placement,
     wrap_method,
@@ -153,7 +156,11 @@ def _image_positions(input_ids: Tensor, attention_mask, new_mask, length: int) -
 
 
 def load(
-    model_path: str, dtype: torch.dtype, device: str | torch.device, conv_mode: str = "llava_v1"
+    model_path: str,
+    dtype: torch.dtype,
+    device: str | torch.device,
+    conv_mode: str = "llava_v1",
+    image_aspect: ImageAspect | None = None,
 ) -> LoadedModel:
     """Load a checkpoint as ``llava.model.builder.load_pretrained_model`` does, in ``dtype``.
 
@@ -186,7 +193,8 @@ def load(
     # rotary embedding's float32 buffers, which the builder keeps, and change the logits.
     tower.to(device=device, dtype=dtype)
     model = model.to(device).eval()
-    return LoadedModel(model, LlavaInputs(tokenizer, tower.image_processor, config, conv_mode))
+    inputs = LlavaInputs(tokenizer, tower.image_processor, config, conv_mode, image_aspect)
+    return LoadedModel(model, inputs)
 
 
 class LlavaInputs(Inputs):
@@ -194,19 +202,37 @@ class LlavaInputs(Inputs):
 
     Collection and generation share one prompt: the ``conv_mode`` conversation with the image
     (wrapped in start/end tokens when ``mm_use_im_start_end``) and the text as the user turn.
+    Images go through ``process_images`` as the config's ``image_aspect_ratio`` says (LLaVA-1.5:
+    ``pad``), or as ``image_aspect`` says (:data:`~vlsae_guard.backends.base.ImageAspect`).
     """
 
     family = "llava"
 
-    def __init__(self, tokenizer, image_processor, model_config, conv_mode: str = "llava_v1"):
+    def __init__(
+        self,
+        tokenizer,
+        image_processor,
+        model_config,
+        conv_mode: str = "llava_v1",
+        image_aspect: ImageAspect | None = None,
+    ):
         ensure_llava_importable()
         from llava.conversation import conv_templates
 
         if conv_mode not in conv_templates:
             raise ValueError(f"unknown conv_mode {conv_mode!r}; known: {sorted(conv_templates)}")
+        own = str(getattr(model_config, "image_aspect_ratio", None))
+        check_image_aspect(image_aspect, "anyres" in own, f"this model (image_aspect_ratio {own})")
         self.tokenizer = tokenizer
         self.image_processor = image_processor
         self.model_config = model_config
+        self.image_aspect = image_aspect
+        # What process_images reads: the config's aspect, or "pad" / anything else (a crop).
+        self.image_config = (
+            model_config
+            if image_aspect is None
+            else SimpleNamespace(image_aspect_ratio=image_aspect)
+        )
         self.conv = conv_templates[conv_mode]
         pads = (tokenizer.pad_token_id, tokenizer.unk_token_id, 0)
         self.pad_id = next(p for p in pads if p is not None)
@@ -243,7 +269,7 @@ class LlavaInputs(Inputs):
         return {
             "input_ids": input_ids,
             "attention_mask": mask,
-            "images": process_images(images, self.image_processor, self.model_config),
+            "images": process_images(images, self.image_processor, self.image_config),
             "image_sizes": [img.size for img in images],
         }
 

@@ -24,6 +24,7 @@ from ..harness.common import BenchmarkError
 from ..harness.config import (
     CHAIR_SPLITS,
     DTYPES,
+    PRESETS,
     ChairRunConfig,
     PopeRunConfig,
     RunConfig,
@@ -33,12 +34,33 @@ from ..lab.demo import DemoConfig
 from ..methods import MODES
 from ..scoring import chair, pope
 from ..scoring.files import DataError
-from .guard_flags import GuardFlagsError, add_guard_flags, guard_config, settings_from_args
+from .guard_flags import (
+    GuardFlagsError,
+    add_guard_flags,
+    guard_config,
+    guard_fields,
+    settings_from_args,
+)
 from .method_flags import ab_from_args, add_method_flags
 from .method_flags import settings_from_args as method_settings_from_args
 
 # argparse destinations that are not named as their field
 DESTS = {"vlsae_guard": "sae"}
+_UNSET = object()
+
+
+class RunParser(argparse.ArgumentParser):
+    """Records which flags the command line gave (``args.given_flags``: their destinations), so
+    that a preset fills in exactly the others."""
+
+    def parse_known_args(self, args=None, namespace=None):
+        parsed, extras = super().parse_known_args(args, namespace)
+        dests = {a.dest for a in self._actions if a.default is not argparse.SUPPRESS}
+        probe, _ = super().parse_known_args(
+            args, argparse.Namespace(**dict.fromkeys(dests, _UNSET))
+        )
+        parsed.given_flags = frozenset(d for d, v in vars(probe).items() if v is not _UNSET)
+        return parsed, extras
 
 
 def default(config: type[BaseModel], field: str):
@@ -102,6 +124,20 @@ def add_run_flags(parser: argparse.ArgumentParser, config: type[RunConfig]) -> N
     add("--temperature", type=float, help="0: greedy (default)")
     add("--top-p", type=float)
     add("--top-k", type=int, help="sampling: generate()'s 50 when unset; 0: off")
+    add(
+        "--image-aspect",
+        choices=["pad", "crop"],
+        help="hf/llava: pad images to a square (LLaVA-1.5) or centre-crop them (CLIP); unset: as "
+        "the checkpoint's processor does",
+    )
+    add(
+        "--preset",
+        choices=list(PRESETS),
+        help="official: the VL-SAE release's protocol for paper mode (sampling T=1 without "
+        "top-k, seed 55, its prompt and token limits, centre crop, float16, layer 30's output, "
+        "its alpha/beta/c_alpha/c_beta, float16 SAE with its TopK ties; docs/guard.md); flags "
+        "given as well win",
+    )
     add("--seed", type=int)
     add("--bootstrap", type=int, help="paired bootstrap replicates for the 95%% intervals")
     add("--out", type=Path, help="output directory")
@@ -112,7 +148,7 @@ def add_run_flags(parser: argparse.ArgumentParser, config: type[RunConfig]) -> N
 def _parser(benchmark: str, config: type[RunConfig]):
     """The script's parser with the run flags; the group for the benchmark's own, and its
     :func:`_adder`."""
-    p = argparse.ArgumentParser(
+    p = RunParser(
         prog=f"benchmarks/{benchmark.lower()}.py",
         description=f"{benchmark} on a LLaVA model with and without the VL-SAE guard (A/B).",
     )
@@ -189,6 +225,10 @@ def build(config: type[BaseModel], args: argparse.Namespace, **values):
     """``config`` from the flags that were given (and ``values``); an invalid combination is a
     :class:`BenchmarkError` naming the flags."""
     given = {DESTS.get(k, k): v for k, v in vars(args).items() if v is not None}
+    if getattr(args, "preset", None) is not None and hasattr(args, "given_flags"):
+        # a flag left at its default must not undo the preset's value
+        named = {DESTS.get(d, d) for d in args.given_flags}
+        given = {k: v for k, v in given.items() if k in named}
     given = {k: v for k, v in given.items() if k in config.model_fields}
     try:
         return config(**{**given, **values})
@@ -200,7 +240,10 @@ def _problem(err: dict) -> str:
     """A check across flags says it in its own words; one flag's problem names the flag."""
     if err["type"] == "value_error":
         return str(err["ctx"]["error"])
-    where = flag(str(err["loc"][0])) if err["loc"] else "flags"
+    loc = err["loc"]
+    if len(loc) > 1 and loc[0] == "guard":  # a preset's guard merged with the --vlsae-* flags
+        loc = (f"vlsae_{loc[1]}",)
+    where = flag(str(loc[0])) if loc else "flags"
     if err["type"] == "missing":
         return f"{where} is required"
     return f"{where}: {err['msg']} (found {err['input']!r})"
@@ -214,11 +257,11 @@ def run_values(args: argparse.Namespace) -> dict:
     modes = {MODES[m] for m in named if m in MODES}
     if len(modes) == 1 and getattr(args, "vlsae_mode", None) is None:
         args = argparse.Namespace(**{**vars(args), "vlsae_mode": modes.pop()})
-    return {
-        "ab": ab,
-        "guard": settings_from_args(args),
-        "method_settings": method_settings_from_args(args),
-    }
+    if getattr(args, "preset", None) is not None:  # the config lays these over the preset's
+        guard = guard_fields(args) if args.vlsae_guard is not None else None
+    else:
+        guard = settings_from_args(args)
+    return {"ab": ab, "guard": guard, "method_settings": method_settings_from_args(args)}
 
 
 def pope_config(args: argparse.Namespace) -> PopeRunConfig:

@@ -86,6 +86,14 @@ class ImportOfficialArgs(Settings):
         help="where the representations were read",
     ),
     field_arg(Source, "layer", "--layer", type=int, help="layer index (implies --site layer)"),
+    field_arg(
+        Source,
+        "point",
+        "--point",
+        choices=field_choices(Source, "point"),
+        unset="not recorded",
+        help="--layer: read at that layer's input or output (the paper's collection: input)",
+    ),
     arg("--overwrite", action="store_true", help="replace what a non-empty --out holds"),
 )
 def import_official_command(args: argparse.Namespace) -> None:
@@ -98,10 +106,11 @@ def import_official_command(args: argparse.Namespace) -> None:
     source = validated(
         Source,
         "source",
-        across="--site/--layer",
+        across="--site/--layer/--point",
         model_id=args.model_id,
         site=args.site or ("layer" if args.layer is not None else None),
         layer=args.layer,
+        point=args.point,
     )
     sae = import_official(
         opts.sae,
@@ -126,7 +135,8 @@ def summary(config: SAEConfig, directory: Path) -> str:
         a = config.aux
         rows["aux"] = f"vision {a.d_vision} / text {a.d_text} -> {a.d_proj}"
     src = config.source
-    where = {None: "site not recorded", "layer": f"layer {src.layer}"}.get(src.site, src.site)
+    layer = f"layer {src.layer}" + (f" ({src.point})" if src.point else "")
+    where = {None: "site not recorded", "layer": layer}.get(src.site, src.site)
     rows["source"] = f"{src.model_id or 'model not recorded'}, {where}"
     rows["out"] = directory.resolve()
     return "\n".join(f"{key:<13}{value}" for key, value in rows.items())

@@ -13,6 +13,7 @@ from pydantic import ValidationError
 
 from ..core.intervention import REWRITES, GuardConfig
 from ..validation import describe_validation_error
+from .app import field_choices, show_default
 
 
 def add_guard_flags(parser: argparse.ArgumentParser, prefix: str = "vlsae-") -> None:
@@ -51,40 +52,81 @@ def add_guard_flags(parser: argparse.ArgumentParser, prefix: str = "vlsae-") -> 
         metavar="JSON",
         help="clamp concepts, e.g. '{\"12\": 1.5}'",
     )
+    for field, help in PAPER_FLAGS.items():
+        if field == "exact":
+            kind = {"action": "store_true"}
+        elif field in PAPER_NUMBERS:
+            kind = {"type": float}
+        else:
+            kind = {"choices": field_choices(GuardConfig, field)}
+        default = GuardConfig.model_fields[field].default
+        shown = "as loaded" if default is None else show_default(default)
+        group.add_argument(
+            f"--{prefix}{field.replace('_', '-')}",
+            default=None,  # unset: GuardConfig's default
+            help=f"paper mode: {help} (default: {shown})",
+            **kind,
+        )
+
+
+# Paper mode's settings beyond --{prefix}layer: GuardConfig field -> help (its default is added).
+PAPER_FLAGS = {
+    "point": "hook the input or the output of layer L",
+    "beta": "pull of the text code towards the image's, z_t' = (1 - beta) z_t + beta z_v",
+    "c_alpha": "weight of the guarded logits in the fusion",
+    "c_beta": "plausibility cutoff: drop tokens below log(c_beta) + the plain maximum logit",
+    "exact": "re-run the whole sequence every step (the official semantics, slow)",
+    "sae_dtype": "the SAE's and auxiliary AE's compute dtype (the official scripts: float16)",
+    "topk_ties": "TopK at a tie on the k-th activation: keep k, or drop the whole tie (fewer "
+    "than k) as the official code does",
+}
+PAPER_NUMBERS = ("beta", "c_alpha", "c_beta")
+FIELDS = ("mode", "rewrite", "method", "alpha", "text_grounded", "layer", "steer", *PAPER_FLAGS)
 
 
 class GuardFlagsError(ValueError):
     """The guard flags do not describe a valid :class:`GuardConfig` (the message names them)."""
 
 
-def settings_from_args(args: argparse.Namespace, prefix: str = "vlsae-") -> GuardConfig | None:
+def settings_from_args(
+    args: argparse.Namespace, prefix: str = "vlsae-", base: dict | None = None
+) -> GuardConfig | None:
     """The validated :class:`GuardConfig` the flags describe, or None when not guarding."""
     if vars(args).get(f"{prefix.replace('-', '_')}guard") is None:
         return None
-    return guard_config(args, prefix)
+    return guard_config(args, prefix, base)
 
 
-def guard_config(args: argparse.Namespace, prefix: str = "vlsae-") -> GuardConfig:
-    """The settings flags as a :class:`GuardConfig`, whether or not a checkpoint is given;
-    invalid ones raise :class:`GuardFlagsError`."""
-    ns = vars(args)
-    attr = prefix.replace("-", "_")
-    fields = ("mode", "rewrite", "method", "alpha", "text_grounded", "layer", "steer")
-    given = {f: ns.get(f"{attr}{f}") for f in fields}
-    given = {f: v for f, v in given.items() if v is not None}
-    names = {f: f"--{prefix}{f.replace('_', '-')}" for f in fields}
+def guard_config(
+    args: argparse.Namespace, prefix: str = "vlsae-", base: dict | None = None
+) -> GuardConfig:
+    """The settings flags as a :class:`GuardConfig` (over ``base``, e.g. a preset's), whether or
+    not a checkpoint is given; invalid ones raise :class:`GuardFlagsError`."""
+    names = {f: f"--{prefix}{f.replace('_', '-')}" for f in FIELDS}
     names[""] = f"--{prefix}*"
     try:
-        if "steer" in given:
-            given["steer"] = parse_steer(given["steer"], names["steer"])
-            names.update({f"steer.{c}": f"{names['steer']} concept {c}" for c in given["steer"]})
-        return GuardConfig(**given)
+        given = guard_fields(args, prefix)
+        names.update(
+            {f"steer.{c}": f"{names['steer']} concept {c}" for c in given.get("steer", {})}
+        )
+        return GuardConfig(**{**(base or {}), **given})
     except ValidationError as e:
         raise GuardFlagsError(
             f"invalid --{prefix}* settings\n{describe_validation_error(e, names)}"
         ) from e
     except ValueError as e:
         raise GuardFlagsError(f"invalid --{prefix}* settings: {e}") from e
+
+
+def guard_fields(args: argparse.Namespace, prefix: str = "vlsae-") -> dict:
+    """The guard settings the flags gave (unset flags left out; ``steer`` parsed)."""
+    ns = vars(args)
+    attr = prefix.replace("-", "_")
+    given = {f: ns.get(f"{attr}{f}") for f in FIELDS}
+    given = {f: v for f, v in given.items() if v is not None}
+    if "steer" in given:
+        given["steer"] = parse_steer(given["steer"], f"--{prefix}steer")
+    return given
 
 
 def parse_steer(text: str, flag: str) -> dict[int, float]:

@@ -15,7 +15,7 @@ from torch import Tensor
 
 from ..validation import FrozenRecord
 from .sae import SparseAutoencoder
-from .sae_config import Modality
+from .sae_config import Modality, Point
 
 
 class Moments:
@@ -67,12 +67,16 @@ class GuardFit(FrozenRecord):
     two distinct vectors of it (one sample in paper mode): no variance to explain.
 
     Sites are named as ``collect`` names them: ``layer:L`` is the input of decoder layer L, so
-    paper mode at ``layer=L`` reads ``layer:L+1`` with ``point="output"`` (the default).
+    paper mode at ``layer=L`` reads ``layer:L+1`` with ``point="output"`` (the default), and a
+    checkpoint trained at the output of layer L (``Source.point``) at ``layer:L+1`` too. Sites
+    that differ are the one placement problem, said once, naming both points.
     """
 
     site: str  # where the guard reads: "projector" or "layer:L"
     trained_site: str | None  # the checkpoint's source; None where it records none (imported)
     trained_pooling: Literal["token", "mean"]
+    point: Point | None = None  # paper mode: the guard hooks the input or output of its layer
+    trained_point: Point | None = None  # the checkpoint's Source.point (None: not recorded)
     explained_variance_vision: float | None
     explained_variance_text: float | None
     vision_vectors: int  # tokens, or pooled samples in paper mode
@@ -83,13 +87,14 @@ class GuardFit(FrozenRecord):
     def problem(self) -> str | None:
         """Why the SAE may not suit this site: its checkpoint names another, or its vision fit
         is below ``min_fit`` or could not be measured. None when neither."""
-        trained = f"trained at {self.trained_site or 'an unrecorded site'}"
-        if self.trained_pooling == "mean":
-            trained += " on mean-pooled states"
+        pooled = " on mean-pooled states" if self.trained_pooling == "mean" else ""
+        trained = f"trained at {self.trained_site or 'an unrecorded site'}{pooled}"
         ev = self.explained_variance_vision
         problems = []
         if self.trained_site is not None and self.trained_site != self.site:
-            problems.append(f"the SAE reads {self.site} but was {trained}")
+            reads = _place(self.site, self.point)
+            was = _place(self.trained_site, self.trained_point, "taken as its input")
+            problems.append(f"the SAE reads {reads} but was trained at {was}{pooled}")
             trained = ""  # said once
         if ev is None:
             problems.append(
@@ -110,6 +115,16 @@ class GuardFit(FrozenRecord):
         return self.model_dump(mode="json")
 
 
+def _place(site: str, point: Point | None, unknown: str | None = None) -> str:
+    """``layer:31 (the output of decoder layer 30)``; without a point, what ``unknown`` says."""
+    if not site.startswith("layer:") or (point is None and unknown is None):
+        return site
+    index = int(site.split(":")[1])
+    if point is None:
+        return f"{site} (decoder layer {index}, point not recorded: {unknown})"
+    return f"{site} (the {point} of decoder layer {index - (point == 'output')})"
+
+
 def explained_variance(sae: SparseAutoencoder, x: Tensor, modality: Modality) -> float | None:
     """Of ``sae`` on the rows of ``x`` (its input space); None without two distinct rows."""
     x = x.reshape(-1, x.shape[-1]).to(sae.device, sae.dtype)
@@ -122,15 +137,22 @@ def explained_variance(sae: SparseAutoencoder, x: Tensor, modality: Modality) ->
 
 @torch.no_grad()
 def measure_fit(
-    sae: SparseAutoencoder, site: str, min_fit: float, vision: Tensor, text: Tensor | None = None
+    sae: SparseAutoencoder,
+    site: str,
+    min_fit: float,
+    vision: Tensor,
+    text: Tensor | None = None,
+    point: Point | None = None,
 ) -> GuardFit:
-    """:class:`GuardFit` of ``sae`` on ``vision`` (and ``text``) rows read at ``site``."""
+    """:class:`GuardFit` of ``sae`` on ``vision`` (and ``text``) rows read at ``site`` (in
+    paper mode at ``point`` of its layer)."""
     source = sae.config.source
-    trained = source.site if source.site != "layer" else f"layer:{source.layer}"
     return GuardFit(
         site=site,
-        trained_site=trained,
+        trained_site=source.place,
         trained_pooling=source.pooling,
+        point=point,
+        trained_point=source.point,
         explained_variance_vision=explained_variance(sae, vision, "vision"),
         explained_variance_text=None if text is None else explained_variance(sae, text, "text"),
         vision_vectors=vision.numel() // vision.shape[-1],

@@ -30,6 +30,7 @@ from .fit import DEFAULT_MIN_FIT, GuardFit, GuardFitWarning, measure_fit
 from .intervention import GuardConfig, ProjectorIntervention
 from .paper import FusionProcessor, PaperIntervention, PaperState
 from .sae import SparseAutoencoder
+from .sae_config import Point, layer_site
 
 # Models currently guarded, so a second guard() is refused instead of stacking hooks.
 _ACTIVE: weakref.WeakKeyDictionary[nn.Module, GuardHandle] = weakref.WeakKeyDictionary()
@@ -100,6 +101,11 @@ class GuardHandle:
             if self.config.text_grounded:
                 self._undo.append(self.backend.capture_prompt(self._on_prompt))
         _ACTIVE[self.model] = self
+
+    @property
+    def seeds_per_sample(self) -> bool:
+        """Whether generate() takes ``seed=[one per sample]``: paper mode's fused decoding."""
+        return self.paper is not None and self.enabled and self.attached
 
     @property
     def method(self) -> str:
@@ -209,16 +215,20 @@ class GuardHandle:
         if self.fit is None and bool(batch.has_image.any()):
             v_bar, t_bar = batch.pooled()
             self._measure_fit(
-                f"layer:{self.config.layer + (self.config.point == 'output')}",
+                layer_site(self.config.layer, self.config.point),
                 self.intervention.sae_inputs(v_bar, "vision"),
                 self.intervention.sae_inputs(t_bar, "text"),
+                self.config.point,
             )
         self.stats.calls += 1
         return new
 
-    def _measure_fit(self, site: str, vision: Tensor, text: Tensor | None) -> None:
+    def _measure_fit(
+        self, site: str, vision: Tensor, text: Tensor | None, point: Point | None = None
+    ) -> None:
         """Fill ``fit``; below ``min_fit``, warn, or (strict) detach and raise."""
-        self.fit = measure_fit(self.intervention.sae, site, self.min_fit, vision, text)
+        sae = self.intervention.sae
+        self.fit = measure_fit(sae, site, self.min_fit, vision, text, point)
         self._fit_text = None
         problem = self.fit.problem
         if problem is None:
@@ -299,8 +309,10 @@ def guard(
         sae = load(sae)
     _check_fits(backend, sae, config)
     device = next(backend.projector().parameters()).device
-    if sae.device != device:
-        sae = copy.deepcopy(sae).to(device)  # never move the caller's SAE behind their back
+    dtype = getattr(torch, config.sae_dtype) if config.sae_dtype else sae.dtype
+    if sae.device != device or sae.dtype != dtype:
+        # Never move or cast the caller's SAE behind their back (the auxiliary AE goes along).
+        sae = copy.deepcopy(sae).to(device=device, dtype=dtype)
     sae.eval()
     try:
         if config.mode == "paper":

@@ -15,7 +15,7 @@ from pydantic import Field, model_validator
 from torch import Tensor
 
 from ..validation import FrozenSettings
-from .sae import Codes, SparseAutoencoder
+from .sae import Codes, SparseAutoencoder, TopKTies
 
 # |steer value| bound: concept activations of real SAEs are O(1-100); the bound keeps a typo
 # (1e308) from overflowing to inf in the SAE's dtype and emptying every answer.
@@ -53,6 +53,13 @@ class GuardConfig(FrozenSettings):
     c_beta: float = Field(default=0.8, gt=0.0, le=1.0)
     # Recompute the whole sequence every step (the official code's semantics, slow).
     exact: bool = False
+    # The SAE's (and auxiliary AE's) compute dtype; None: as loaded (float32 from a checkpoint).
+    # The official scripts run both in float16.
+    sae_dtype: Literal["float32", "float16", "bfloat16"] | None = None
+    # TopK at a tie on the k-th activation: "keep-k" keeps k (torch.topk picks among the tied);
+    # "official" keeps those strictly above the (n - k)-th smallest, as the released code does,
+    # so a tie at the boundary drops all its members (fewer than k; frequent in float16).
+    topk_ties: TopKTies = "keep-k"
 
     @model_validator(mode="before")
     @classmethod
@@ -93,7 +100,9 @@ class GuardConfig(FrozenSettings):
         return self.alpha == 0.0 and not self.steer
 
 
-_PAPER_ONLY = ("layer", "point", "beta", "c_alpha", "c_beta", "exact")
+_PAPER_ONLY = (
+    "layer", "point", "beta", "c_alpha", "c_beta", "exact", "sae_dtype", "topk_ties"
+)  # fmt: skip
 REWRITES = ("replace", "edit")
 
 

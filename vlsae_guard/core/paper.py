@@ -46,7 +46,8 @@ class PaperIntervention:
         cfg, sae, aux = self.config, self.sae, self.sae.aux
         t = t_bar.to(sae.device, sae.dtype)
         v_e, t_e = self.sae_inputs(v_bar, "vision"), self.sae_inputs(t_bar, "text")
-        z_v, z_t = sae.encode(v_e, "vision"), sae.encode(t_e, "text")
+        z_v = sae.encode(v_e, "vision", cfg.topk_ties)
+        z_t = sae.encode(t_e, "text", cfg.topk_ties)
         z = torch.lerp(z_t, z_v, cfg.beta)
         t_rec = sae.decode(z, "text")
         if aux:

@@ -19,10 +19,14 @@ def sparsify(a: Tensor, k: int) -> Tensor:
     return a * (a.abs() > thres)
 
 
+def activations(x: Tensor, encoder: Tensor) -> Tensor:
+    """All activations ``2 - ||x/|x| - w_j/|w_j|||`` of 2-D inputs (rows x d), before TopK."""
+    return 2 - torch.cdist(F.normalize(x, dim=-1), F.normalize(encoder, dim=-1), p=2)
+
+
 def encode(x: Tensor, encoder: Tensor, k: int) -> Tensor:
     """Dense top-k activations ``2 - ||x/|x| - w_j/|w_j|||`` of 2-D inputs (rows x d)."""
-    dist = torch.cdist(F.normalize(x, dim=-1), F.normalize(encoder, dim=-1), p=2)
-    return sparsify(2 - dist, k)
+    return sparsify(activations(x, encoder), k)
 
 
 def decode(z: Tensor, weight: Tensor, bias: Tensor) -> Tensor:

@@ -11,20 +11,26 @@ Conventions
   with the weight transposed; :mod:`vlsae_guard.core.checkpoint` converts the official layout.
 * TopK keeps exactly ``k`` concepts per row. The reference code keeps the entries strictly above
   the ``(n - k)``-th smallest value, which drops *all* members of a tie at the boundary; ours
-  keeps ``k`` of them (``torch.topk`` picks which). Outside exact ties the two agree.
+  keeps ``k`` of them (``torch.topk`` picks which). Outside exact ties the two agree; in float16
+  ties are common (a random 32768-concept SAE keeps 224-252 of 256), so ``encode_topk(...,
+  ties="official")`` reproduces the reference: its activations, its threshold.
 """
 
 from __future__ import annotations
 
 import itertools
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import reference
 from .sae_config import MODALITIES, AuxConfig, Modality, SAEConfig
+
+TopKTies = Literal["keep-k", "official"]
+TOPK_TIES: tuple[TopKTies, ...] = ("keep-k", "official")
 
 
 class Codes(NamedTuple):
@@ -108,18 +114,42 @@ class SparseAutoencoder(nn.Module):
     def decoder_for(self, modality: Modality) -> Decoder:
         raise NotImplementedError
 
-    def encode_topk(self, x: Tensor, modality: Modality = "vision") -> Codes:
-        """Top-k activations of ``x`` (any leading shape, last dim ``d_in``) in compact form."""
+    def _reference_activations(self, x: Tensor, modality: Modality) -> Tensor:
+        """All ``n_concepts`` activations, computed as the reference code computes them."""
+        return self._activation(self._scores(x, modality))
+
+    def encode_topk(
+        self, x: Tensor, modality: Modality = "vision", ties: TopKTies = "keep-k"
+    ) -> Codes:
+        """Top-k activations of ``x`` (any leading shape, last dim ``d_in``) in compact form.
+
+        ``ties="official"``: the reference code's TopK, which keeps the activations whose
+        magnitude is strictly above the ``(n - k)``-th smallest; a tie at that value drops all
+        its members, whose slots here hold 0 (fewer than k active concepts).
+        """
         _check_modality(modality)
+        if ties not in TOPK_TIES:
+            raise ValueError(f"ties must be one of {TOPK_TIES}, got {ties!r}")
         if x.shape[-1] != self.config.d_in:
             raise ValueError(f"expected inputs with last dim {self.config.d_in}, got {x.shape}")
-        scores = self._scores(x.to(self.dtype), modality)
+        x = x.to(self.dtype)
+        if ties == "official":
+            return self._reference_topk(x, modality)
+        scores = self._scores(x, modality)
         top, idx = scores.topk(self.k, dim=-1, sorted=False)
         return Codes(self._activation(top), idx, self.n_concepts)
 
-    def encode(self, x: Tensor, modality: Modality = "vision") -> Tensor:
+    def _reference_topk(self, x: Tensor, modality: Modality) -> Codes:
+        acts = self._reference_activations(x, modality)
+        if self.k < self.n_concepts:  # with k = n it keeps everything (and has no threshold)
+            acts = reference.sparsify(acts, self.k)
+        # Every kept entry is among the k largest magnitudes; a dropped tie fills its slot with 0.
+        idx = acts.abs().topk(self.k, dim=-1, sorted=False).indices
+        return Codes(acts.gather(-1, idx), idx, self.n_concepts)
+
+    def encode(self, x: Tensor, modality: Modality = "vision", ties: TopKTies = "keep-k") -> Tensor:
         """Dense activations (..., n_concepts) with the top-k kept and zeros elsewhere."""
-        return self.encode_topk(x, modality).dense()
+        return self.encode_topk(x, modality, ties).dense()
 
     def decode(self, z: Tensor | Codes, modality: Modality = "vision") -> Tensor:
         """Reconstruct from dense activations or from :class:`Codes` (the fast sparse path)."""
@@ -227,6 +257,11 @@ class VLSAE(SparseAutoencoder):
     def _activation(self, top_scores: Tensor) -> Tensor:
         # Rounding can push |cos| slightly past 1; clamping keeps activations inside [0, 2].
         return 2 - torch.sqrt((2 - 2 * top_scores).clamp(0, 4))
+
+    def _reference_activations(self, x: Tensor, modality: Modality) -> Tensor:
+        # The reference's cdist of the unit vectors, its rounding included.
+        acts = reference.activations(x.reshape(-1, x.shape[-1]), self.encoder)
+        return acts.reshape(*x.shape[:-1], self.n_concepts)
 
     def _train_activation(self, top_scores: Tensor) -> Tensor:
         # d/dc sqrt(2 - 2c) is infinite at c = 1 (an input along a concept direction, e.g.

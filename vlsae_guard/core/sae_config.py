@@ -15,6 +15,13 @@ from ..validation import FrozenRecord
 Architecture = Literal["vl-sae", "sae-v", "sae-d"]
 Modality = Literal["vision", "text"]
 MODALITIES: tuple[Modality, ...] = ("vision", "text")
+Point = Literal["input", "output"]
+
+
+def layer_site(layer: int, point: Point | None) -> str:
+    """A decoder layer's ``point`` named as ``collect`` names sites: ``layer:L`` is the input
+    of layer L, so its output is ``layer:L+1`` (the same residual-stream tensor)."""
+    return f"layer:{layer + (point == 'output')}"
 
 
 class Source(FrozenRecord):
@@ -23,6 +30,9 @@ class Source(FrozenRecord):
     model_id: str | None = None
     site: Literal["projector", "layer"] | None = None  # None: unknown (e.g. imported)
     layer: int | None = Field(default=None, ge=0)
+    # Site "layer": read at the input or the output of that layer (``collect`` reads the
+    # input). None: not recorded (checkpoints written before it was, imported ones).
+    point: Point | None = None
     pooling: Literal["token", "mean"] = "token"
 
     @model_validator(mode="after")
@@ -31,7 +41,17 @@ class Source(FrozenRecord):
             raise ValueError("site 'layer' needs a layer index")
         if self.site == "projector" and self.layer is not None:
             raise ValueError(f"site 'projector' takes no layer index (got layer={self.layer})")
+        if self.point is not None and self.site != "layer":
+            raise ValueError(f"point applies to site 'layer' only (got site={self.site!r})")
         return self
+
+    @property
+    def place(self) -> str | None:
+        """Where the states were read, as ``collect`` names it (``projector``, ``layer:L``);
+        a layer without a recorded point is taken as its input, where ``collect`` reads."""
+        if self.site != "layer":
+            return self.site
+        return layer_site(self.layer, self.point)
 
 
 class AuxConfig(FrozenRecord):

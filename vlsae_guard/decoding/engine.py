@@ -40,7 +40,9 @@ class DecodingOptions(FrozenSettings):
     top_k: int = Field(default=0, ge=0)  # 0: off
     pad_token_id: int | None = None
     eos_token_id: list[int] = Field(default_factory=list)
-    seed: int | None = None  # sample i draws from torch.Generator seeded seed + i
+    # Sample i draws from a torch.Generator seeded seed + i, or seed[i] given one per sample
+    # (a harness seeds each item by its id, so batches and resumes draw as each item alone).
+    seed: int | list[int] | None = None
     use_cache: bool = True
     output_scores: bool = False
     output_logits: bool = False  # arm a's raw logits: the model as asked
@@ -85,10 +87,16 @@ def generators(options: DecodingOptions, samples: int, device) -> list[torch.Gen
     seed = options.seed
     if seed is None:
         seed = int(torch.randint(0, 2**62, ()).item())
+    if isinstance(seed, int):
+        seeds = [seed + i for i in range(samples)]
+    elif len(seed) == samples:
+        seeds = seed
+    else:
+        raise ValueError(f"seed: {len(seed)} seeds for {samples} samples")
     out = []
-    for i in range(samples):
+    for s in seeds:
         g = torch.Generator(device=device)
-        g.manual_seed(seed + i)
+        g.manual_seed(s)
         out.append(g)
     return out
 

@@ -15,6 +15,7 @@ import os
 import random
 import re
 import sys
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -122,6 +123,7 @@ class Setup:
             "dtype": run.dtype,
             "device": device(run).split(":")[0],
             "prompt_format": run.prompt_format,
+            "image_aspect": run.image_aspect,
             "decoding": self.decoding.describe(),
             "seed": run.seed,
             **backend_record(run.backend, self.options),
@@ -230,6 +232,7 @@ def generate(
         seed=run.seed,
         options=setup_.options,
         arms={arm: run.settings_of(arm) for arm in run.arms},
+        image_aspect=run.image_aspect,
     )
     try:
         for arm in run.arms:
@@ -273,12 +276,21 @@ def _answer(generator, job: Job, run: RunConfig, setup_: Setup, field: str, prog
         for start in range(0, len(pending), run.batch_size):
             batch = pending[start : start + run.batch_size]
             images = [_open(it.image) for it in batch]
-            texts = generator.answer(images, [it.prompt for it in batch], setup_.decoding, job.arm)
+            seeds = [item_seed(run.seed, it.key) for it in batch]
+            prompts = [it.prompt for it in batch]
+            texts = generator.answer(images, prompts, setup_.decoding, job.arm, seeds)
             job.log.append(
                 {**it.record, "prompt": it.prompt, field: text, "arm": job.arm}
                 for it, text in zip(batch, texts, strict=True)
             )
             bar.update(len(batch))
+
+
+def item_seed(seed: int, key: str) -> int:
+    """The sampling seed of one item: fixed by the run's seed and the item's id, so a sample
+    draws the same tokens in any batch and after a resume (methods on the fused decoding engine;
+    ``model.generate`` draws from one global stream)."""
+    return zlib.crc32(f"{seed}:{key}".encode())
 
 
 def _open(path: Path) -> Image.Image:
@@ -297,6 +309,8 @@ def settings_record(run: RunConfig, setup_: Setup, extra: dict) -> dict:
         "dtype": run.dtype,
         "device": device(run),
         "prompt_format": run.prompt_format,
+        "image_aspect": run.image_aspect,
+        "preset": run.preset_record(),
         **backend_record(run.backend, setup_.options),
         "sae": run.sae,
         "sae_sha256": setup_.sae_sha256,

@@ -11,15 +11,17 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import Field, field_validator, model_validator
 
+from ..backends import ImageAspect
 from ..core.intervention import GuardConfig
 from ..methods import METHODS, MODES, MethodError, method_settings
 from ..scoring import chair, pope
 from ..scoring.stats import DEFAULT_BOOTSTRAP
 from ..validation import Settings
+from . import presets
 from .generation import BACKENDS, PROMPT_FORMATS, SERVED
 
 DTYPES = ("auto", "float16", "bfloat16", "float32")
@@ -40,8 +42,13 @@ def _as_str(value: object) -> object:
     return os.fspath(value) if isinstance(value, os.PathLike) else value
 
 
+PRESETS = {"official": presets.official}
+
+
 class RunConfig(Settings):
     """Model, arms, data, batching, decoding and output of one A/B run (POPE or CHAIR)."""
+
+    BENCHMARK: ClassVar[str | None] = None  # the preset's benchmark ("pope", "chair")
 
     model: str | None = None  # directory or Hub id; --backend openai: the served name (optional)
     backend: Literal[BACKENDS] = "hf"
@@ -66,6 +73,11 @@ class RunConfig(Settings):
     temperature: float = 0.0  # 0: greedy
     top_p: float | None = None
     top_k: int | None = Field(default=None, ge=0)  # sampling; None: generate()'s 50, 0: off
+    image_aspect: ImageAspect | None = (
+        None  # hf/llava: pad to square or centre-crop; None: as the checkpoint
+    )
+    # Settings taken from a protocol (``presets``) unless given: "official", the VL-SAE release's
+    preset: Literal[tuple(PRESETS)] | None = None
     seed: int = 0
     bootstrap: int = DEFAULT_BOOTSTRAP
     out: Path
@@ -75,6 +87,27 @@ class RunConfig(Settings):
     @classmethod
     def _path_to_str(cls, value: object) -> object:
         return _as_str(value)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _apply_preset(cls, data: object) -> object:
+        """The preset's settings under those given (``guard`` as a dict of fields to change)."""
+        if not isinstance(data, dict) or data.get("preset") not in PRESETS:
+            return data
+        name = data["preset"]
+        if cls.BENCHMARK is None:
+            raise ValueError(f"--preset {name} needs a benchmark's config (POPE or CHAIR)")
+        run, guard = presets.split(PRESETS[name](cls.BENCHMARK))
+        given = data.get("guard") or {}
+        if isinstance(given, GuardConfig):
+            raise ValueError(
+                f"--preset {name}: give guard as a dict of the settings that differ from the "
+                "preset (a GuardConfig carries every default, so it would undo the preset)"
+            )
+        method = data.get("method")
+        if method not in (None, "paper"):
+            raise ValueError(f"--preset {name} is paper mode's protocol, not --method {method}")
+        return {**run, **data, "guard": {**guard, **given}, "method": "paper"}
 
     @field_validator("engine_args", mode="before")
     @classmethod
@@ -174,6 +207,23 @@ class RunConfig(Settings):
                 f"--backend {self.backend} runs the projector guard without text_grounded "
                 "(vLLM caches projector outputs per image); use --backend hf"
             )
+        if self.backend in SERVED and self.image_aspect is not None:
+            raise ValueError(
+                f"--image-aspect applies to --backend hf and llava; --backend {self.backend} "
+                "preprocesses images as the checkpoint's processor says"
+            )
+
+    def preset_record(self) -> dict | None:
+        """The preset, each of its settings with the reason and the value the run used (a
+        different one: given on the command line)."""
+        if self.preset is None:
+            return None
+        fields = {}
+        for key, override in PRESETS[self.preset](self.BENCHMARK).items():
+            owner, name = (self.guard, key[6:]) if key.startswith("guard.") else (self, key)
+            used = getattr(owner, name)
+            fields[key] = {"value": override.value, "reason": override.reason, "used": used}
+        return {"name": self.preset, "fields": fields}
 
     def settings_of(self, method: str):
         """The validated settings of ``method`` in this run (None for none)."""
@@ -195,6 +245,8 @@ class RunConfig(Settings):
 class PopeRunConfig(RunConfig):
     """POPE: the question sets and how answers are prompted and parsed."""
 
+    BENCHMARK: ClassVar[str] = "pope"
+
     max_new_tokens: int = 128  # llava/eval/model_vqa_loader's default
     dataset: Literal[tuple(pope.DATASETS)] = "coco"
     split: Literal[(*pope.SPLITS, "all")] = "all"
@@ -210,6 +262,8 @@ class PopeRunConfig(RunConfig):
 
 class ChairRunConfig(RunConfig):
     """CHAIR: the images captioned, the prompt and the ground truth."""
+
+    BENCHMARK: ClassVar[str] = "chair"
 
     max_new_tokens: int = 512
     split: Literal[CHAIR_SPLITS] = "chair500"

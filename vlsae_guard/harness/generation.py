@@ -14,6 +14,7 @@ an OpenAI-compatible server applies its own chat template.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -65,9 +66,15 @@ class Generator:
     backend: str
 
     def answer(
-        self, images: Sequence[Image.Image], prompts: Sequence[str], decoding: Decoding, arm: str
+        self,
+        images: Sequence[Image.Image],
+        prompts: Sequence[str],
+        decoding: Decoding,
+        arm: str,
+        seeds: Sequence[int] | None = None,
     ) -> list[str]:
-        """Answers to ``prompts`` (the user's text; the conversation is added here)."""
+        """Answers to ``prompts`` (the user's text; the conversation is added here). ``seeds``:
+        one per prompt, for methods that sample each prompt from its own generator."""
         raise NotImplementedError
 
     def close(self) -> None:
@@ -110,9 +117,12 @@ class LocalGenerator(Generator):
         self.handle = attach(arm, self.model, sae=sae, settings=self.arms[arm])
         self.arm = arm
 
-    def answer(self, images, prompts, decoding, arm):
+    def answer(self, images, prompts, decoding, arm, seeds=None):
         self.use(arm)
-        return self.generate(images, prompts, decoding, self.handle.generate)
+        runner = self.handle.generate
+        if seeds is not None and decoding.temperature > 0 and self.handle.seeds_per_sample:
+            runner = functools.partial(runner, seed=list(seeds))
+        return self.generate(images, prompts, decoding, runner)
 
     def generate(
         self, images: Sequence[Image.Image], prompts: Sequence[str], decoding: Decoding, runner=None
@@ -164,7 +174,7 @@ class VLLMGenerator(Generator):
         self.llm = load_llm(model_dir, settings, dtype=dtype_name, seed=seed, **engine_args)
         self.seed = seed
 
-    def answer(self, images, prompts, decoding, arm):
+    def answer(self, images, prompts, decoding, arm, seeds=None):
         from ..serving.client import generate_offline
 
         on = _served_arm(arm)
@@ -203,7 +213,7 @@ class OpenAIGenerator(Generator):
         self.base_url, self.model, self.seed = base_url, model, seed
         self.concurrency, self.extra_body = concurrency, extra_body
 
-    def answer(self, images, prompts, decoding, arm):
+    def answer(self, images, prompts, decoding, arm, seeds=None):
         import openai
 
         from ..serving.client import generate_openai
@@ -289,15 +299,22 @@ def load(
     seed: int = 0,
     options: dict | None = None,
     arms: dict | None = None,
+    image_aspect: backends.ImageAspect | None = None,
 ) -> Generator:
     """Load ``model`` (a directory or Hub id; for ``openai`` the served name or ``None``) for
     ``backend``, ready for ``arms`` (method name -> its settings; default: none, and vlsae with
     ``config`` when ``sae`` is given). Served backends take the projector guard's ``config``.
 
     ``options`` are the backend's own: ``vllm``: ``engine_args`` (``vllm.LLM`` keyword
-    arguments); ``openai``: ``base_url``, ``concurrency``, ``extra_body``.
+    arguments); ``openai``: ``base_url``, ``concurrency``, ``extra_body``. ``image_aspect``
+    (``hf``, ``llava``): pad images to a square or centre-crop them (:func:`backends.load`).
     """
     options = options or {}
+    if image_aspect is not None and backend in SERVED:
+        raise BackendUnavailable(
+            f"image_aspect={image_aspect!r} applies to --backend hf and llava; --backend "
+            f"{backend} preprocesses images in vLLM as the checkpoint's processor says"
+        )
     if backend == "openai":
         return OpenAIGenerator(
             options["base_url"], options.get("served_model") or model, seed,
@@ -321,6 +338,7 @@ def load(
         family=backend,
         prompt_format=prompt_format,
         conv_mode="vicuna_v1",
+        image_aspect=image_aspect,
     )
     if arms is None:
         arms = {"none": None, **({"vlsae": config} if sae is not None else {})}

@@ -37,6 +37,8 @@ class Handle:
     """Context-manager plumbing shared by the handles defined here."""
 
     method = "none"
+    # generate() takes seed=[one per sample] (the fused decoding engine); model.generate does not
+    seeds_per_sample = False
 
     def __enter__(self):
         return self
@@ -69,6 +71,8 @@ class TwoArmHandle(Handle):
     ``settings.fuse(logits_a, logits_b, step)`` is the fusion (a pure function of the method's
     settings, :mod:`vlsae_guard.decoding.fusions`).
     """
+
+    seeds_per_sample = True
 
     def __init__(self, method: str, model: nn.Module, backend: Backend, settings):
         self.method, self.model, self.backend, self.settings = method, model, backend, settings

@@ -310,6 +310,7 @@ def _header(config: CollectConfig, reader: SiteReader, source: PairSource) -> He
         backend=reader.backend.name,
         site="projector" if config.layer is None else "layer",
         layer=config.layer,
+        point=None if config.layer is None else "input",  # SiteReader._layer's pre-hook
         pooling=config.pooling,
         tokens_per_image=config.tokens_per_image,
         prompt=None if config.layer is None else reader.prompt_for("{caption}"),

@@ -98,6 +98,9 @@ class Header(Record):
     backend: str
     site: Literal["projector", "layer"]
     layer: int | None = None
+    # Site "layer": where in the layer the states were read; collect reads the input. Stores
+    # written before it was recorded hold None (they were read at the input too).
+    point: Literal["input", "output"] | None = None
     pooling: Literal["token", "mean"]
     tokens_per_image: int | None = None
     prompt: str | None = None

@@ -116,7 +116,11 @@ class Trainer:
     def _stage_sae(self, aux: AuxiliaryAE | None) -> SparseAutoencoder:
         cfg, m = self.config, self.manifest
         d_in = aux.config.d_proj if aux is not None else m.dims["vision"]
-        source = Source(model_id=m.model_id, site=m.site, layer=m.layer, pooling=m.pooling)
+        # Stores that predate the recorded point were read at the layer's input as well.
+        point = m.point or ("input" if m.site == "layer" else None)
+        source = Source(
+            model_id=m.model_id, site=m.site, layer=m.layer, point=point, pooling=m.pooling
+        )
         config = cfg.sae_config(d_in, source, aux.config if aux is not None else None)
         sae = seeded(lambda: build(config), cfg.seed).to(self.device)
         if aux is not None:
