@@ -122,3 +122,10 @@ def test_scripts_report_bad_flags_in_one_line_and_exit_2(script, tmp_path, capsy
     err = capsys.readouterr().err
     assert "invalid --vlsae-* settings" in err and "--vlsae-alpha" in err
     assert "Traceback" not in err
+
+
+def test_an_openai_ab_compares_the_servers_guard_without_an_sae_here(tmp_path):
+    """The server holds the SAE (serve --sae): --ab alone is none vs vlsae, no guard settings."""
+    config = PopeRunConfig(backend="openai", base_url="http://x/v1", ab=True, out=tmp_path)
+    assert config.arms == ("none", "vlsae") and config.guard is None
+    assert config.settings_of("vlsae") is None

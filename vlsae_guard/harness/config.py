@@ -175,7 +175,7 @@ class RunConfig(Settings):
             raise ValueError(f"--method {guarded[0]} needs --sae DIR (the VL-SAE checkpoint)")
         if self.sae is not None and not guarded:
             raise ValueError(f"--sae is used by vlsae and paper, not by {' / '.join(arms)}")
-        if guarded and self.guard.mode != MODES[guarded[0]]:
+        if guarded and self.guard is not None and self.guard.mode != MODES[guarded[0]]:
             raise ValueError(
                 f"--method {guarded[0]} runs the guard in mode {MODES[guarded[0]]!r}, but "
                 f"--vlsae-mode is {self.guard.mode!r}"
