@@ -10,7 +10,8 @@ from pathlib import Path
 from vlsae_guard import methods
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ["--image-size", "28", "--patch-size", "4", "--text-hidden", "64", "--text-layers", "2"]
+# 4 text layers: pai amplifies layers 2 and up by default
+TINY = ["--image-size", "28", "--patch-size", "4", "--text-hidden", "64", "--text-layers", "4"]
 
 
 def test_every_method_is_measured_at_each_length(tmp_path, monkeypatch, capsys):
@@ -29,7 +30,7 @@ def test_every_method_is_measured_at_each_length(tmp_path, monkeypatch, capsys):
     record = json.loads(out.read_text())
     assert record["errors"] == {}
     assert set(record["settings"]) == set(methods.METHODS) - {"none"}
-    assert record["settings"]["paper"]["layer"] == 1  # text layers // 2
+    assert record["settings"]["paper"]["layer"] == 2  # text layers // 2
     rows = {(r["method"], r["new_tokens"]) for r in record["results"]}
     assert rows == {(m, n) for m in [*methods.METHODS, "engine"] for n in (2, 3)}
     for r in record["results"]:
