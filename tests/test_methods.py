@@ -170,3 +170,17 @@ def test_sae_methods_are_the_guard(hf_model_and_processor, tiny_sae_dir, batch):
         assert handle.method == "vlsae" and handle.config.mode == "projector"
         guarded = handle.generate(**batch, max_new_tokens=4, do_sample=False)
     assert guarded.shape[0] == 2
+
+
+def test_min_new_tokens_holds_eos_back_as_generate_does(hf_model_and_processor, batch):
+    model, _ = hf_model_and_processor
+    width = batch["input_ids"].shape[1]
+    with methods.attach("vcd", model) as handle:
+        first = handle.generate(**batch, max_new_tokens=1, do_sample=False)[:, width:]
+        eos = int(first[0, 0])  # the token sample 0 would choose first: make it the eos
+        stopped = handle.generate(**batch, max_new_tokens=6, eos_token_id=eos, do_sample=False)
+        held = handle.generate(
+            **batch, max_new_tokens=6, min_new_tokens=4, eos_token_id=eos, do_sample=False
+        )
+    assert int(stopped[0, width]) == eos  # without it, sample 0 ends at once
+    assert eos not in held[0, width : width + 4].tolist()

@@ -14,6 +14,7 @@ alone. Unset options come from the model's generation config, then generate()'s 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -34,6 +35,7 @@ class DecodingOptions(FrozenSettings):
     """generate()'s decoding arguments that the engine implements, resolved and checked."""
 
     max_new_tokens: int = Field(ge=1)
+    min_new_tokens: int = Field(default=0, ge=0)  # eos scores -inf before this many new tokens
     do_sample: bool = False
     temperature: float = Field(default=1.0, gt=0.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
@@ -156,6 +158,8 @@ def decode(
     scores_seen, logits_seen = [], []
     for step in range(options.max_new_tokens):
         scores = fuse(logits_a, logits_b, step)
+        if step < options.min_new_tokens and len(eos):  # as generate()'s MinNewTokens processor
+            scores = scores.index_fill(-1, eos, -math.inf)
         for processor in processors:
             scores = processor(sequences, scores)
         if sample:
