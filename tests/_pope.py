@@ -7,6 +7,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import torch
+
+from vlsae_guard import VLSAE, SAEConfig
 from vlsae_guard.cli import bench_flags
 from vlsae_guard.harness import pope as harness
 from vlsae_guard.harness.config import PopeRunConfig
@@ -27,6 +30,15 @@ def write_inputs(root: Path, images, n_questions: int = 8) -> Path:
             q["text"] = f"Is there a {SHAPES[n % 3]} in the image?"
             f.write(json.dumps(q) + "\n")
     return root
+
+
+def write_sae(root: Path, n_concepts: int = 256, k: int = 16, every: int = 3) -> Path:
+    """``root/sae``: a random VL-SAE for the tiny models (every ``every``-th concept shared)."""
+    torch.manual_seed(0)
+    shared = list(range(0, n_concepts, every))
+    config = SAEConfig(d_in=64, n_concepts=n_concepts, k=k, shared_concepts=shared)
+    VLSAE(config).eval().save_pretrained(root / "sae")
+    return root / "sae"
 
 
 def run(inputs, model, out, *extra, backend="hf", device="cpu"):

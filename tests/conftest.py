@@ -165,6 +165,17 @@ _FENCE = re.compile(r"^(?:<!-- test: (\w+) -->\n)?```(\w*)\n(.*?)^```$", re.S | 
 
 
 @pytest.fixture(scope="session")
+def pope_inputs(tmp_path_factory, tiny_images) -> Path:
+    """Four images, eight POPE questions about them (``questions.jsonl``) and a VL-SAE for the
+    tiny models (``sae/``): what the benchmark-runner tests answer."""
+    from _pope import write_inputs, write_sae
+
+    root = write_inputs(tmp_path_factory.mktemp("pope-inputs"), tiny_images)
+    write_sae(root)
+    return root
+
+
+@pytest.fixture(scope="session")
 def readme_snippets() -> list[Snippet]:
     text = README.read_text()
     return [

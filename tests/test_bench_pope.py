@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from _pope import answers, run, run_config, texts, write_inputs
+from _pope import answers, run, run_config, texts
 from PIL import Image
 
-from vlsae_guard import VLSAE, GuardConfig, SAEConfig, provenance
+from vlsae_guard import GuardConfig, provenance
 from vlsae_guard.harness import generation
 from vlsae_guard.harness import pope as harness
 from vlsae_guard.harness.config import PopeRunConfig
@@ -21,35 +21,37 @@ from vlsae_guard.scoring.files import DataError
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def inputs(tmp_path_factory, tiny_images):
-    """Four images, eight POPE questions about them, and a VL-SAE for the tiny models."""
-    root = write_inputs(tmp_path_factory.mktemp("pope-inputs"), tiny_images)
-    torch.manual_seed(0)
-    config = SAEConfig(d_in=64, n_concepts=256, k=16, shared_concepts=list(range(0, 256, 3)))
-    VLSAE(config).eval().save_pretrained(root / "sae")
-    return root
-
-
 GUARD = ["--sae", None, "--ab", "--vlsae-alpha", "1.0"]
 
 
-def guarded(inputs):
-    return [str(inputs / "sae") if a is None else a for a in GUARD]
+def guarded(pope_inputs):
+    return [str(pope_inputs / "sae") if a is None else a for a in GUARD]
 
 
 @pytest.mark.parametrize("backend", ["hf", pytest.param("llava", marks=pytest.mark.llava)])
-def test_batches_give_the_answers_of_batch_size_one(backend, inputs, tmp_path, request):
+def test_batches_give_the_answers_of_batch_size_one(backend, pope_inputs, tmp_path, request):
     if backend == "llava":
         pytest.importorskip("llava")
         model = request.getfixturevalue("tiny_llava_dir")
     else:
         model = request.getfixturevalue("tiny_hf_dir")
     one = run(
-        inputs, model, tmp_path / "one", *guarded(inputs), "--batch-size", "1", backend=backend
+        pope_inputs,
+        model,
+        tmp_path / "one",
+        *guarded(pope_inputs),
+        "--batch-size",
+        "1",
+        backend=backend,
     )
     many = run(
-        inputs, model, tmp_path / "many", *guarded(inputs), "--batch-size", "3", backend=backend
+        pope_inputs,
+        model,
+        tmp_path / "many",
+        *guarded(pope_inputs),
+        "--batch-size",
+        "3",
+        backend=backend,
     )
     for arm in ("none", "vlsae"):
         assert texts(tmp_path / "one", arm) == texts(tmp_path / "many", arm)
@@ -58,16 +60,20 @@ def test_batches_give_the_answers_of_batch_size_one(backend, inputs, tmp_path, r
     assert one["splits"]["questions"]["none"] == many["splits"]["questions"]["none"]
 
 
-def test_results_record_provenance_and_match_the_answers(inputs, tiny_hf_dir, tmp_path):
+def test_results_record_provenance_and_match_the_answers(pope_inputs, tiny_hf_dir, tmp_path):
     out = tmp_path / "run"
-    results = run(inputs, tiny_hf_dir, out, *guarded(inputs), "--batch-size", "4", "--seed", "3")
+    results = run(
+        pope_inputs, tiny_hf_dir, out, *guarded(pope_inputs), "--batch-size", "4", "--seed", "3"
+    )
     table = harness.finish(results, out, "test")
     saved = json.loads((out / "results.json").read_text())
     settings = saved["settings"]
     assert settings["model_sha256"] == provenance.sha256_dir(tiny_hf_dir)
-    assert settings["sae_sha256"] == provenance.sha256_dir(inputs / "sae")
+    assert settings["sae_sha256"] == provenance.sha256_dir(pope_inputs / "sae")
     assert settings["guard"]["alpha"] == 1.0 and settings["guard"]["rewrite"] == "replace"
-    assert settings["questions"][0]["sha256"] == provenance.sha256_file(inputs / "questions.jsonl")
+    assert settings["questions"][0]["sha256"] == provenance.sha256_file(
+        pope_inputs / "questions.jsonl"
+    )
     assert settings["prompt"]["template"] == pope.PROMPTS["llava"]
     assert settings["parser"] == pope.PARSERS[False]
     assert (
@@ -75,7 +81,7 @@ def test_results_record_provenance_and_match_the_answers(inputs, tiny_hf_dir, tm
     )
     assert (settings["seed"], settings["batch_size"], settings["backend"]) == (3, 4, "hf")
     assert settings["environment"]["packages"]["torch"] == torch.__version__
-    qs = pope.load_questions(inputs / "questions.jsonl")
+    qs = pope.load_questions(pope_inputs / "questions.jsonl")
     for arm in ("none", "vlsae"):
         by_id = texts(out, arm)
         expected = pope.score(qs, [by_id[q.question_id] for q in qs.questions])
@@ -93,10 +99,10 @@ def test_results_record_provenance_and_match_the_answers(inputs, tiny_hf_dir, tm
     assert first["prompt"] == pope.build_prompt("Is there a dog in the image?")
 
 
-def test_a_typed_config_runs_exactly_as_the_flags_do(inputs, tiny_hf_dir, tmp_path):
-    flags = run(inputs, tiny_hf_dir, tmp_path, *guarded(inputs), "--batch-size", "3")
+def test_a_typed_config_runs_exactly_as_the_flags_do(pope_inputs, tiny_hf_dir, tmp_path):
+    flags = run(pope_inputs, tiny_hf_dir, tmp_path, *guarded(pope_inputs), "--batch-size", "3")
     typed = run_config(
-        inputs, tiny_hf_dir, tmp_path / "typed", sae=inputs / "sae", ab=True,
+        pope_inputs, tiny_hf_dir, tmp_path / "typed", sae=pope_inputs / "sae", ab=True,
         guard=GuardConfig(alpha=1.0), batch_size=3,
     )  # fmt: skip
     for arm in ("none", "vlsae"):
@@ -109,10 +115,10 @@ def test_a_typed_config_runs_exactly_as_the_flags_do(inputs, tiny_hf_dir, tmp_pa
 
 
 def test_a_killed_run_resumes_with_only_the_missing_answers(
-    inputs, tiny_hf_dir, tmp_path, monkeypatch
+    pope_inputs, tiny_hf_dir, tmp_path, monkeypatch
 ):
     out = tmp_path / "run"
-    run(inputs, tiny_hf_dir, out, *guarded(inputs), "--batch-size", "2")
+    run(pope_inputs, tiny_hf_dir, out, *guarded(pope_inputs), "--batch-size", "2")
     full = {arm: texts(out, arm) for arm in ("none", "vlsae")}
     path = out / "answers" / "vlsae" / "questions.jsonl"
     lines = path.read_text().splitlines(keepends=True)
@@ -126,7 +132,7 @@ def test_a_killed_run_resumes_with_only_the_missing_answers(
         return original(self, images, prompts, decoding, runner)
 
     monkeypatch.setattr(generation.LocalGenerator, "generate", counting)
-    run(inputs, tiny_hf_dir, out, *guarded(inputs), "--batch-size", "2")
+    run(pope_inputs, tiny_hf_dir, out, *guarded(pope_inputs), "--batch-size", "2")
     assert len(asked) == 5  # questions 4..8 of the guarded arm, nothing of the other
     ids = [r["question_id"] for r in answers(out, "vlsae")]
     assert sorted(ids) == list(range(1, 9)) and len(ids) == len(set(ids))
@@ -134,18 +140,23 @@ def test_a_killed_run_resumes_with_only_the_missing_answers(
 
     asked.clear()  # complete: nothing is generated, not even the model is loaded
     monkeypatch.setattr(generation, "load", lambda *a, **k: pytest.fail("model loaded"))
-    assert run(inputs, tiny_hf_dir, out, *guarded(inputs))["splits"]["questions"]["vlsae"]["n"] == 8
+    assert (
+        run(pope_inputs, tiny_hf_dir, out, *guarded(pope_inputs))["splits"]["questions"]["vlsae"][
+            "n"
+        ]
+        == 8
+    )
 
 
 def test_missing_images_are_listed_before_any_generation(
-    inputs, tiny_hf_dir, tmp_path, monkeypatch
+    pope_inputs, tiny_hf_dir, tmp_path, monkeypatch
 ):
     images = tmp_path / "images"
     images.mkdir()
-    (images / "img1.png").write_bytes((inputs / "images" / "img1.png").read_bytes())
+    (images / "img1.png").write_bytes((pope_inputs / "images" / "img1.png").read_bytes())
     monkeypatch.setattr(generation, "load", lambda *a, **k: pytest.fail("model loaded"))
     with pytest.raises(DataError, match=r"3 of 4 images are missing") as error:
-        run(inputs, tiny_hf_dir, tmp_path / "out", "--images", str(images))
+        run(pope_inputs, tiny_hf_dir, tmp_path / "out", "--images", str(images))
     for name in ("img0.png", "img2.png", "img3.png"):
         assert name in str(error.value)
     listing = (tmp_path / "out" / "missing_images.txt").read_text().split()
@@ -193,16 +204,18 @@ def load_script(name):
         ([], "--images DIR is required"),
     ],
 )
-def test_script_errors_are_one_line_exit_2(argv, message, inputs, tiny_hf_dir, tmp_path, capsys):
+def test_script_errors_are_one_line_exit_2(
+    argv, message, pope_inputs, tiny_hf_dir, tmp_path, capsys
+):
     script = load_script("pope")
-    base = ["--model", str(tiny_hf_dir), "--questions", str(inputs / "questions.jsonl")]
+    base = ["--model", str(tiny_hf_dir), "--questions", str(pope_inputs / "questions.jsonl")]
     assert script.main([*base, "--out", str(tmp_path), *argv]) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
 
 
-def test_single_arm_runs_and_one_split_per_file(inputs, tiny_hf_dir, tmp_path):
-    results = run(inputs, tiny_hf_dir, tmp_path, "--limit", "3", "--prompt", "vcd")
+def test_single_arm_runs_and_one_split_per_file(pope_inputs, tiny_hf_dir, tmp_path):
+    results = run(pope_inputs, tiny_hf_dir, tmp_path, "--limit", "3", "--prompt", "vcd")
     assert results["arms"] == ["none"] and "comparison" not in results["splits"]["questions"]
     assert results["splits"]["questions"]["none"]["n"] == 3
     assert answers(tmp_path, "none")[0]["prompt"].endswith(
@@ -211,18 +224,26 @@ def test_single_arm_runs_and_one_split_per_file(inputs, tiny_hf_dir, tmp_path):
     assert PopeRunConfig(model="m", sae="x", out=tmp_path).arms == ("vlsae",)
 
 
-def test_paper_mode_runs_through_the_handles_generate(inputs, tiny_hf_dir, tmp_path):
-    paper = ["--sae", str(inputs / "sae"), "--ab", "--vlsae-mode", "paper", "--vlsae-layer", "1"]
-    results = run(inputs, tiny_hf_dir, tmp_path / "paper", *paper, "--batch-size", "4")
-    run(inputs, tiny_hf_dir, tmp_path / "plain", "--batch-size", "4")
+def test_paper_mode_runs_through_the_handles_generate(pope_inputs, tiny_hf_dir, tmp_path):
+    paper = [
+        "--sae",
+        str(pope_inputs / "sae"),
+        "--ab",
+        "--vlsae-mode",
+        "paper",
+        "--vlsae-layer",
+        "1",
+    ]
+    results = run(pope_inputs, tiny_hf_dir, tmp_path / "paper", *paper, "--batch-size", "4")
+    run(pope_inputs, tiny_hf_dir, tmp_path / "plain", "--batch-size", "4")
     assert results["settings"]["guard"]["mode"] == "paper"
     assert results["arms"] == ["none", "paper"]
     assert texts(tmp_path / "paper", "none") == texts(tmp_path / "plain", "none")
     assert texts(tmp_path / "paper", "paper") != texts(tmp_path / "paper", "none")
 
 
-def test_paired_outcomes_are_written_per_question(inputs, tiny_hf_dir, tmp_path):
-    results = run(inputs, tiny_hf_dir, tmp_path, *guarded(inputs), "--batch-size", "4")
+def test_paired_outcomes_are_written_per_question(pope_inputs, tiny_hf_dir, tmp_path):
+    results = run(pope_inputs, tiny_hf_dir, tmp_path, *guarded(pope_inputs), "--batch-size", "4")
     rows = [
         json.loads(x) for x in (tmp_path / "paired" / "questions.jsonl").read_text().splitlines()
     ]
@@ -251,10 +272,15 @@ def test_hf_prompt_is_llavas_eval_conversation():
     assert generation.llava_conversation(pope.build_prompt("Is there a dog?")) == conv.get_prompt()
 
 
-def test_openai_backend_without_a_server_is_one_clear_error(inputs, tmp_path, capsys):
+def test_openai_backend_without_a_server_is_one_clear_error(pope_inputs, tmp_path, capsys):
     script = load_script("pope")
     argv = ["--backend", "openai", "--base-url", "http://127.0.0.1:9/v1", "--out", str(tmp_path)]
-    argv += ["--questions", str(inputs / "questions.jsonl"), "--images", str(inputs / "images")]
+    argv += [
+        "--questions",
+        str(pope_inputs / "questions.jsonl"),
+        "--images",
+        str(pope_inputs / "images"),
+    ]
     assert script.main(argv) == 2
     err = capsys.readouterr().err
     assert "Traceback" not in err
@@ -265,18 +291,18 @@ def test_openai_backend_without_a_server_is_one_clear_error(inputs, tmp_path, ca
     assert not (tmp_path / "answers").exists()  # nothing written
 
 
-def test_results_record_the_guards_placement_check(inputs, tiny_hf_dir, tmp_path, monkeypatch):
+def test_results_record_the_guards_placement_check(pope_inputs, tiny_hf_dir, tmp_path, monkeypatch):
     out = tmp_path / "run"
-    results = run(inputs, tiny_hf_dir, out, *guarded(inputs))
+    results = run(pope_inputs, tiny_hf_dir, out, *guarded(pope_inputs))
     fit = results["settings"]["guard_fit"]
     assert fit["site"] == "projector" and fit["vision_vectors"] > 0
     assert isinstance(fit["explained_variance_vision"], float)
     # The random SAE explains little: the results say so, as the guard warned.
     assert any(w.startswith("guard placement:") for w in results["warnings"])
     monkeypatch.setattr(generation, "load", lambda *a, **k: pytest.fail("model loaded"))
-    assert run(inputs, tiny_hf_dir, out, *guarded(inputs))["settings"]["guard_fit"] == fit
+    assert run(pope_inputs, tiny_hf_dir, out, *guarded(pope_inputs))["settings"]["guard_fit"] == fit
     monkeypatch.undo()
-    plain = run(inputs, tiny_hf_dir, tmp_path / "plain")
+    plain = run(pope_inputs, tiny_hf_dir, tmp_path / "plain")
     assert plain["settings"]["guard_fit"] is None
 
 
@@ -290,7 +316,9 @@ STRONG = {  # settings that change the tiny model's answers, and one field they 
 
 @pytest.mark.parametrize("backend", ["hf", pytest.param("llava", marks=pytest.mark.llava)])
 @pytest.mark.parametrize("peer", list(STRONG))
-def test_a_peer_method_runs_as_an_arm_batched_as_alone(peer, backend, inputs, tmp_path, request):
+def test_a_peer_method_runs_as_an_arm_batched_as_alone(
+    peer, backend, pope_inputs, tmp_path, request
+):
     """--method M --ab: none vs M; M's settings recorded; batches answer as batch size 1; none
     answers as a run without any method."""
     if backend == "llava":
@@ -298,9 +326,9 @@ def test_a_peer_method_runs_as_an_arm_batched_as_alone(peer, backend, inputs, tm
     model = request.getfixturevalue("tiny_llava_dir" if backend == "llava" else "tiny_hf_dir")
     flags, (field, value) = STRONG[peer]
     args = ["--method", peer, "--ab", *flags, "--backend", backend]
-    one = run(inputs, model, tmp_path / "one", *args, "--batch-size", "1")
-    run(inputs, model, tmp_path / "many", *args, "--batch-size", "3")
-    run(inputs, model, tmp_path / "plain", "--batch-size", "3", "--backend", backend)
+    one = run(pope_inputs, model, tmp_path / "one", *args, "--batch-size", "1")
+    run(pope_inputs, model, tmp_path / "many", *args, "--batch-size", "3")
+    run(pope_inputs, model, tmp_path / "plain", "--batch-size", "3", "--backend", backend)
     assert one["arms"] == ["none", peer] and one["settings"]["method"] == peer
     recorded = one["settings"]["method_settings"][peer]
     assert recorded[field] == value
@@ -314,8 +342,8 @@ def test_a_peer_method_runs_as_an_arm_batched_as_alone(peer, backend, inputs, tm
     assert sidecar["method"] == peer and sidecar["method_settings"] == recorded
 
 
-def test_two_methods_compare_b_minus_a_and_resume(inputs, tiny_hf_dir, tmp_path):
-    results = run(inputs, tiny_hf_dir, tmp_path, "--ab", "vcd", "m3id", "--batch-size", "4")
+def test_two_methods_compare_b_minus_a_and_resume(pope_inputs, tiny_hf_dir, tmp_path):
+    results = run(pope_inputs, tiny_hf_dir, tmp_path, "--ab", "vcd", "m3id", "--batch-size", "4")
     assert results["arms"] == ["vcd", "m3id"]
     split = results["splits"]["questions"]
     assert split["comparison"]["delta"]["f1"] == pytest.approx(
@@ -325,10 +353,10 @@ def test_two_methods_compare_b_minus_a_and_resume(inputs, tiny_hf_dir, tmp_path)
     with pytest.raises(
         DataError, match=r"answers/vcd/questions.jsonl .*\(method_settings differ\)"
     ):
-        run(inputs, tiny_hf_dir, tmp_path, "--ab", "vcd", "m3id", "--vcd-alpha", "2")
+        run(pope_inputs, tiny_hf_dir, tmp_path, "--ab", "vcd", "m3id", "--vcd-alpha", "2")
 
 
-def test_an_output_directory_of_the_old_layout_is_refused(inputs, tiny_hf_dir, tmp_path):
+def test_an_output_directory_of_the_old_layout_is_refused(pope_inputs, tiny_hf_dir, tmp_path):
     (tmp_path / "answers" / "guard-off").mkdir(parents=True)
     with pytest.raises(harness.common.BenchmarkError, match="rename answers/guard-off"):
-        run(inputs, tiny_hf_dir, tmp_path)
+        run(pope_inputs, tiny_hf_dir, tmp_path)

@@ -4,10 +4,8 @@ is recorded with its reasons, and runs through the harness (sampled, batch == ba
 from __future__ import annotations
 
 import pytest
-import torch
-from _pope import answers, run, write_inputs
+from _pope import answers, run
 
-from vlsae_guard import VLSAE, SAEConfig
 from vlsae_guard.cli import bench_flags
 from vlsae_guard.core.intervention import GuardConfig
 from vlsae_guard.harness import presets
@@ -68,22 +66,13 @@ def test_a_guard_config_object_cannot_carry_a_preset(tmp_path):
         PopeRunConfig(model="m", sae="s", out=tmp_path, preset="official", guard=GuardConfig())
 
 
-@pytest.fixture(scope="module")
-def inputs(tmp_path_factory, tiny_images):
-    root = write_inputs(tmp_path_factory.mktemp("preset-inputs"), tiny_images)
-    torch.manual_seed(0)
-    config = SAEConfig(d_in=64, n_concepts=256, k=16, shared_concepts=list(range(0, 256, 3)))
-    VLSAE(config).eval().save_pretrained(root / "sae")
-    return root
-
-
 @pytest.mark.filterwarnings("ignore::vlsae_guard.GuardFitWarning")
-def test_the_official_protocol_runs_sampled_and_batch_invariant(inputs, tiny_hf_dir, tmp_path):
+def test_the_official_protocol_runs_sampled_and_batch_invariant(pope_inputs, tiny_hf_dir, tmp_path):
     """The tiny model has 2 layers and runs in float32 here; the rest is the preset's."""
-    argv = ["--preset", "official", "--sae", str(inputs / "sae"), "--vlsae-layer", "1",
+    argv = ["--preset", "official", "--sae", str(pope_inputs / "sae"), "--vlsae-layer", "1",
             "--dtype", "float32", "--max-new-tokens", "6"]  # fmt: skip
-    one = run(inputs, tiny_hf_dir, tmp_path / "one", *argv, "--batch-size", "1")
-    run(inputs, tiny_hf_dir, tmp_path / "many", *argv, "--batch-size", "3")
+    one = run(pope_inputs, tiny_hf_dir, tmp_path / "one", *argv, "--batch-size", "1")
+    run(pope_inputs, tiny_hf_dir, tmp_path / "many", *argv, "--batch-size", "3")
     settings = one["settings"]
     assert settings["preset"]["name"] == "official" and settings["image_aspect"] == "crop"
     assert settings["decoding"]["strategy"] == "sampling" and settings["decoding"]["top_k"] == 0

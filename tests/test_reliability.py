@@ -11,10 +11,10 @@ import textwrap
 
 import pytest
 import torch
-from _pope import run, write_inputs
+from _pope import run, write_inputs, write_sae
 from transformers import GPT2Config, LlamaConfig
 
-from vlsae_guard import VLSAE, GuardConfig, GuardError, SAEConfig, UnsupportedModelError, guard
+from vlsae_guard import GuardConfig, GuardError, UnsupportedModelError, guard
 from vlsae_guard.cli import main
 from vlsae_guard.cli.guard_flags import GuardFlagsError, add_guard_flags, settings_from_args
 from vlsae_guard.core.checkpoint import import_official, load
@@ -27,9 +27,7 @@ from vlsae_guard.scoring.files import DataError
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory, tiny_images):
     root = write_inputs(tmp_path_factory.mktemp("probe-inputs"), tiny_images, n_questions=6)
-    torch.manual_seed(0)
-    config = SAEConfig(d_in=64, n_concepts=128, k=8, shared_concepts=list(range(0, 128, 2)))
-    VLSAE(config).eval().save_pretrained(root / "sae")
+    write_sae(root, n_concepts=128, k=8, every=2)
     return root
 
 
