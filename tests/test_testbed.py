@@ -13,6 +13,7 @@ import torch
 
 from vlsae_guard.lab.testbed import experiment
 from vlsae_guard.lab.testbed.model import ModelConfig, TrainingConfig, trained_model
+from vlsae_guard.lab.testbed.recipe import RecipeConfig, embedded_loss, tower_features
 from vlsae_guard.lab.testbed.world import (
     QUESTION_SETS,
     Statistics,
@@ -186,7 +187,7 @@ def test_fast_end_to_end_results(fast_run):
     config = experiment.ExperimentConfig.fast()
     variants = [v.name for v in config.eval.variants]
     assert results["seeds"] == [0]
-    assert set(results["config"]) == {"world", "model", "training", "sae", "eval"}
+    assert set(results["config"]) == {"world", "model", "training", "recipe", "sae", "eval"}
     assert results["environment"]["packages"]["torch"]
     (seed,) = results["per_seed"]
     assert len(seed["model"]["sha256"]) == 64 and seed["model"]["training"]["loss"]
@@ -206,6 +207,11 @@ def test_fast_end_to_end_results(fast_run):
         agg = results["aggregate"][name]
         assert agg["splits"]["random"]["off"]["f1"]["mean"] == run["splits"]["random"]["off"]["f1"]
     assert set(seed["seconds"]) == {"world", "model", "sae", "validation", "test"}
+    recipe = seed["recipe"]
+    assert recipe["kind"] == config.recipe.kind
+    assert recipe["random_accuracy"] == run["splits"]["random"]["off"]["accuracy"]
+    assert recipe["shared_concepts"] >= 0 and 0 <= recipe["cross_modal_overlap"] <= 1
+    assert (recipe["zero_shot"] is None) == (config.recipe.kind == "scratch")
     md = (root / "out" / "results.md").read_text()
     assert "hallucination % off" in md and "| replace (" in md
     # the validation runs and the test runs read different images
@@ -257,3 +263,65 @@ def test_probe_on_the_fast_run_model(fast_run):
     for (a, b), pair in zip(config.world.bias_pairs, out["bias_pairs"].values(), strict=True):
         broken = [s for s in world.splits["test"] if a in s.present and b not in s.present]
         assert pair["n_without_b"] == len(broken)
+
+
+# --- the LLaVA recipe (issue 16) ---------------------------------------------------------------
+
+SMALL_RECIPE = RecipeConfig(
+    kind="llava", clip_steps=3, clip_batch_size=8, lm_warmup_steps=2, projector_steps=2
+)
+
+
+def test_embedded_loss_is_llavas_loss_from_pixels(world, tmp_path):
+    """Stages (b) and (c) feed the frozen tower's features through the projector themselves:
+    the same loss as LlavaForConditionalGeneration given the pixels."""
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    from vlsae_guard.lab import tiny
+    from vlsae_guard.lab.testbed.model import CAPTION_PROMPT, _Batcher
+
+    sizes = ModelConfig(vision_hidden=32, vision_intermediate=64, vision_heads=1).sizes(32)
+    path = tiny.build_hf_llava(tmp_path / "m", seed=0, **vars(sizes))
+    processor = AutoProcessor.from_pretrained(path)
+    model = LlavaForConditionalGeneration.from_pretrained(path).eval()
+    scenes = world.splits["train"][:4]
+    pixels = processor.image_processor([s.image for s in scenes], return_tensors="pt")[
+        "pixel_values"
+    ]
+    batch = _Batcher(processor, sizes.image_seq_length)(
+        [(CAPTION_PROMPT, s.caption) for s in scenes]
+    )
+    image_token = processor.tokenizer.convert_tokens_to_ids(tiny.IMAGE)
+    with torch.no_grad():
+        ours = embedded_loss(model, tower_features(model, pixels), batch, image_token)
+        theirs = model(pixel_values=pixels, **batch).loss
+    assert torch.allclose(ours, theirs, atol=1e-5)
+
+
+def test_llava_recipe_is_deterministic_and_records_its_stages(tmp_path):
+    small = build_world(WORLD.model_copy(update={"n_train": 16, "n_test": 12}), seed=5)
+    config, training = ModelConfig(), TrainingConfig(steps=3, batch_size=4)
+    a = trained_model(small, config, training, tmp_path / "a", lambda *_: None, SMALL_RECIPE)
+    b = trained_model(small, config, training, tmp_path / "b", lambda *_: None, SMALL_RECIPE)
+    assert a.sha256 == b.sha256
+    scratch = trained_model(small, config, training, tmp_path / "a", lambda *_: None)
+    assert scratch.sha256 != a.sha256 and "recipe" not in scratch.record
+    stages = a.record["recipe"]["stages"]
+    assert {"clip", "lm_warmup", "projector"} <= set(stages) and a.record["loss"]
+    zero_shot = stages["clip"]["zero_shot"]
+    assert 0 <= zero_shot["top1"] <= 1 and 0 <= zero_shot["recall"] <= 1 and zero_shot["n"] == 12
+    assert a.record["recipe"]["kind"] == "llava"
+
+
+def test_recipe_keeps_scratch_cache_keys_and_old_configs_load(world):
+    from vlsae_guard.lab.testbed.model import cache_key
+
+    config, training = ModelConfig(), TrainingConfig()
+    scratch = RecipeConfig(kind="scratch")
+    assert cache_key(world, config, training) == cache_key(world, config, training, scratch)
+    assert cache_key(world, config, training, SMALL_RECIPE) != cache_key(world, config, training)
+    old = experiment.ExperimentConfig().model_dump(mode="json")
+    del old["recipe"]  # a config written before recipes existed
+    assert experiment.ExperimentConfig.model_validate(old).recipe == RecipeConfig()
+    with pytest.raises(ValueError):
+        RecipeConfig(kind="clip-only")

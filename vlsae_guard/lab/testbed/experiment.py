@@ -36,6 +36,7 @@ from ...pipeline.train import AlignConfig, TrainConfig, train
 from ...scoring.stats import discordant, mcnemar_p
 from ...validation import FrozenSettings
 from .model import ModelConfig, TrainingConfig, trained_model
+from .recipe import RecipeConfig
 from .world import QUESTION_SETS, Statistics, World, WorldConfig, build_world
 
 METRICS = ("f1", "precision", "recall", "accuracy", "yes_ratio")
@@ -98,6 +99,9 @@ class ExperimentConfig(FrozenSettings):
     world: WorldConfig = WorldConfig()
     model: ModelConfig = ModelConfig()
     training: TrainingConfig = TrainingConfig()
+    # Absent in configs written before recipes: they load with the default (llava) recipe;
+    # {"recipe": {"kind": "scratch"}} reproduces the published results.
+    recipe: RecipeConfig = RecipeConfig()
     sae: SAESettings = SAESettings()
     eval: EvalConfig = EvalConfig()
 
@@ -115,6 +119,9 @@ class ExperimentConfig(FrozenSettings):
                 text_heads=2,
             ),
             training=TrainingConfig(steps=8, batch_size=8),
+            recipe=RecipeConfig(
+                clip_steps=8, clip_batch_size=16, lm_warmup_steps=4, projector_steps=4
+            ),
             sae=SAESettings(pairs=24, epochs=2, batch_size=64, align_epochs=2, align_batch_size=8),
             eval=EvalConfig(
                 variants=(DEFAULT_VARIANTS[0], DEFAULT_VARIANTS[3]), alphas=(0.5, 1.0), bootstrap=50
@@ -145,10 +152,10 @@ def run_seed(config: ExperimentConfig, seed: int, out: Path, cache: Path, log=pr
     files = {split: world.write(split, out / split) for split in ("val", "test")}
     lap("world")
     log(f"seed {seed}: model")
-    model = trained_model(world, config.model, config.training, cache, log)
+    model = trained_model(world, config.model, config.training, cache, log, config.recipe)
     lap("model")
     log(f"seed {seed}: VL-SAEs")
-    saes = train_saes(world, model.path, config, out / "sae")
+    saes, sae_stats = train_saes(world, model.path, config, out / "sae")
     lap("sae")
     val, first = [], None
     for variant in config.eval.variants:
@@ -189,6 +196,7 @@ def run_seed(config: ExperimentConfig, seed: int, out: Path, cache: Path, log=pr
             for site, d in saes.items()
         },
         "world": world_summary(world),
+        "recipe": recipe_summary(model.record, sae_stats["projector"], test),
         "validation": val,
         "chosen": chosen,
         "selected": select(chosen),
@@ -212,8 +220,26 @@ def world_summary(world: World) -> dict:
     return {"cooccurrence": rates, "questions": counts}
 
 
-def train_saes(world: World, model_dir: Path, config: ExperimentConfig, out: Path) -> dict:
-    """Collect (projector; ``layer:L`` if a variant needs it) and train with the pipeline."""
+def recipe_summary(record: dict, projector: dict, test: dict) -> dict:
+    """What issue 16 asks per seed: the recipe, the tower's zero-shot object accuracy (llava
+    recipe only: scratch has no text encoder), the projector VL-SAE's shared concepts and
+    image-caption top-k overlap, and the guard-off random-split accuracy on test."""
+    recipe = record.get("recipe")
+    first = next(iter(test.values()))
+    return {
+        "kind": recipe["kind"] if recipe else "scratch",
+        "zero_shot": recipe["stages"]["clip"]["zero_shot"] if recipe else None,
+        "shared_concepts": int(projector.get("n_shared", 0)),
+        "cross_modal_overlap": projector.get("cross_modal_overlap"),
+        "random_accuracy": first["splits"]["random"]["off"]["accuracy"],
+    }
+
+
+def train_saes(
+    world: World, model_dir: Path, config: ExperimentConfig, out: Path
+) -> tuple[dict, dict]:
+    """Collect (projector; ``layer:L`` if a variant needs it) and train with the pipeline;
+    the SAE folders and their training statistics, per site."""
     s = config.sae
     pairs = out / "pairs.jsonl"
     out.mkdir(parents=True, exist_ok=True)
@@ -230,7 +256,7 @@ def train_saes(world: World, model_dir: Path, config: ExperimentConfig, out: Pat
     if any(v.mode == "paper" for v in config.eval.variants):
         align = AlignConfig(epochs=s.align_epochs, batch_size=s.align_batch_size, lr=s.align_lr)
         sites[f"layer:{config.paper_layer}"] = {"pooling": "mean", "align": align}
-    saes = {}
+    saes, stats = {}, {}
     for site, extra in sites.items():
         name = site.replace(":", "")
         store = out / f"store-{name}"
@@ -266,7 +292,8 @@ def train_saes(world: World, model_dir: Path, config: ExperimentConfig, out: Pat
             )
         )
         saes[site] = result.out
-    return saes
+        stats[site] = dict(result.sae.config.stats)
+    return saes, stats
 
 
 def ab(
@@ -498,6 +525,28 @@ def table(results: dict) -> str:
     return "\n".join(lines) + "\n\n" + "\n".join(hall)
 
 
+def recipe_lines(seeds: list[dict]) -> str:
+    """One line per seed: zero-shot accuracy, shared concepts, top-k overlap, random accuracy."""
+    lines = []
+    for s in seeds:
+        r = s["recipe"]
+        z = r["zero_shot"]
+        zs = (
+            f"zero-shot top-1 {100 * z['top1']:.1f}% (chance {100 * z['chance_top1']:.1f}%), "
+            f"recall {100 * z['recall']:.1f}%"
+            if z
+            else "zero-shot n/a (no text encoder)"
+        )
+        overlap = r["cross_modal_overlap"]
+        overlap = "n/a" if overlap is None else f"{overlap:.3f}"
+        lines.append(
+            f"- seed {s['seed']} ({r['kind']}): {zs}; projector SAE: {r['shared_concepts']} shared "
+            f"concepts, image-caption top-k overlap {overlap}; "
+            f"random-split accuracy (guard off) {r['random_accuracy']:.1f}%"
+        )
+    return "\n".join(lines)
+
+
 def report(results: dict) -> str:
     """results.md: what was run, the tables, the choices and their validation numbers, time."""
     config = results["config"]
@@ -532,7 +581,8 @@ def report(results: dict) -> str:
             f"{[tuple(p) for p in world['bias_pairs']]} at rate {world['bias_rate']} "
             f"(measured P(B|A) in train: {rates}; in test: {test_rates}); "
             f"{world['n_val']} validation and {world['n_test']} test images, "
-            f"{world['image_size']} px. Model trained {training['steps']} steps, batch "
+            f"{world['image_size']} px. Model trained ({config['recipe']['kind']} recipe; "
+            f"instruction stage for llava) {training['steps']} steps, batch "
             f"{training['batch_size']}, lr {training['lr']}. Metrics in percent, mean ± sd over "
             "seeds; McNemar: exact test on the discordant pairs summed over seeds. "
             "Hallucination % = share of 'yes' to 'is there a B?' on test images with A but not B.",
@@ -542,6 +592,10 @@ def report(results: dict) -> str:
             "Alpha chosen per variant on the validation split (highest guard-on mean F1):",
             "",
             chosen,
+            "",
+            "Per seed (the recipe's measurements):",
+            "",
+            recipe_lines(seeds),
             "",
             f"Wall time {results['seconds']:.0f} s with {results['threads']} torch thread(s) "
             f"(per seed, s: {times}).",

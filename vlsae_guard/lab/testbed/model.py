@@ -1,4 +1,7 @@
-"""A small LLaVA trained from scratch on the testbed world, cached by what decides its weights.
+"""A small LLaVA trained on the testbed world, cached by what decides its weights.
+
+Two recipes (:class:`~.recipe.RecipeConfig`): ``llava``, LLaVA's stages (:mod:`.recipe`), and
+``scratch``, described here: the whole model from random weights in one loop.
 
 The architecture is the real one (``LlavaForConditionalGeneration``: CLIP vision tower,
 projector, Llama), sized by :mod:`vlsae_guard.lab.tiny` and saved in the llava-hf hub layout, so
@@ -32,6 +35,7 @@ from ...provenance import sha256_dir
 from ...scoring.pope import build_prompt
 from ...validation import FrozenSettings
 from .. import tiny
+from .recipe import RecipeConfig, staged
 from .world import QUESTION, Scene, World
 
 CAPTION_PROMPT = "Describe this image."
@@ -80,8 +84,11 @@ class TrainedModel:
     record: dict  # training.json: configs, loss curve, seconds
 
 
-def cache_key(world: World, model: ModelConfig, training: TrainingConfig) -> str:
-    """sha256 over everything that decides the weights."""
+def cache_key(
+    world: World, model: ModelConfig, training: TrainingConfig, recipe: RecipeConfig | None = None
+) -> str:
+    """sha256 over everything that decides the weights (the recipe only when it is not
+    ``scratch``: scratch models keep the keys they had before recipes existed)."""
     blob = {
         "format": CACHE_FORMAT,
         "seed": world.seed,
@@ -89,14 +96,22 @@ def cache_key(world: World, model: ModelConfig, training: TrainingConfig) -> str
         "model": model.model_dump(mode="json"),
         "training": training.model_dump(mode="json"),
     }
+    if recipe is not None and recipe.kind != "scratch":
+        blob["recipe"] = recipe.model_dump(mode="json")
     return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()
 
 
 def trained_model(
-    world: World, model: ModelConfig, training: TrainingConfig, cache: Path, log=print
+    world: World,
+    model: ModelConfig,
+    training: TrainingConfig,
+    cache: Path,
+    log=print,
+    recipe: RecipeConfig | None = None,
 ) -> TrainedModel:
-    """The checkpoint for (world, model, training): from ``cache`` if there, else trained."""
-    key = cache_key(world, model, training)
+    """The checkpoint for (world, model, training, recipe): from ``cache`` if there, else
+    trained (``recipe`` None: scratch)."""
+    key = cache_key(world, model, training, recipe)
     directory = Path(cache) / f"llava-testbed-{key[:16]}"
     record_path = directory / "training.json"
     if record_path.is_file():
@@ -105,7 +120,7 @@ def trained_model(
         )
     partial = directory.with_name(directory.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
-    record = train(world, model, training, partial, log)
+    record = train(world, model, training, partial, log, recipe)
     record["cache_key"] = key
     # The checkpoint (and so its sha256) holds only what the seed decides, not the timing.
     seconds = record.pop("seconds")
@@ -166,9 +181,15 @@ def example(scene: Scene, names: list[str], config: TrainingConfig, rng) -> tupl
 
 
 def train(
-    world: World, model_config: ModelConfig, config: TrainingConfig, out: Path, log=print
+    world: World,
+    model_config: ModelConfig,
+    config: TrainingConfig,
+    out: Path,
+    log=print,
+    recipe: RecipeConfig | None = None,
 ) -> dict:
-    """Train from random initialisation and save to ``out``; returns the training record."""
+    """Train from random initialisation with ``recipe`` (None: scratch) and save to ``out``;
+    returns the training record."""
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
     sizes = model_config.sizes(world.config.image_size)
@@ -194,13 +215,18 @@ def train(
             # latter, training sat on the blind plateau (every answer "No") for 800+ steps.
             tiny.randomize(model, world.seed)
             model.train()
-            losses = _fit(model, scenes, pixels, batcher, world, config, log)
+            if recipe is None or recipe.kind == "scratch":
+                stages = None
+                losses = _fit(model, scenes, pixels, batcher, world, config, log)
+            else:
+                stages = staged(model, pixels, processor, batcher, world, recipe, config, log)
+                losses = stages.pop("loss")
     finally:
         torch.set_num_threads(threads)
         torch.use_deterministic_algorithms(deterministic)
     seconds = time.perf_counter() - started
     tiny.save_hf_llava(model.eval(), out, sizes)
-    return {
+    record = {
         "seed": world.seed,
         "world": world.config.model_dump(mode="json"),
         "model": model_config.model_dump(mode="json"),
@@ -208,6 +234,9 @@ def train(
         "loss": losses,
         "seconds": round(seconds, 1),
     }
+    if stages is not None:  # scratch records stay as they were
+        record["recipe"] = {**recipe.model_dump(mode="json"), "stages": stages}
+    return record
 
 
 def _fit(model, scenes, pixels, batcher, world: World, config: TrainingConfig, log) -> list:
