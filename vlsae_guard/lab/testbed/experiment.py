@@ -36,7 +36,7 @@ from ...pipeline.train import AlignConfig, TrainConfig, train
 from ...scoring.stats import discordant, mcnemar_p
 from ...validation import FrozenSettings
 from .model import ModelConfig, TrainingConfig, trained_model
-from .recipe import RecipeConfig
+from .recipe import RecipeConfig, recipe_lines, recipe_summary
 from .world import QUESTION_SETS, Statistics, World, WorldConfig, build_world
 
 METRICS = ("f1", "precision", "recall", "accuracy", "yes_ratio")
@@ -218,21 +218,6 @@ def world_summary(world: World) -> dict:
         for split in ("val", "test")
     }
     return {"cooccurrence": rates, "questions": counts}
-
-
-def recipe_summary(record: dict, projector: dict, test: dict) -> dict:
-    """What issue 16 asks per seed: the recipe, the tower's zero-shot object accuracy (llava
-    recipe only: scratch has no text encoder), the projector VL-SAE's shared concepts and
-    image-caption top-k overlap, and the guard-off random-split accuracy on test."""
-    recipe = record.get("recipe")
-    first = next(iter(test.values()))
-    return {
-        "kind": recipe["kind"] if recipe else "scratch",
-        "zero_shot": recipe["stages"]["clip"]["zero_shot"] if recipe else None,
-        "shared_concepts": int(projector.get("n_shared", 0)),
-        "cross_modal_overlap": projector.get("cross_modal_overlap"),
-        "random_accuracy": first["splits"]["random"]["off"]["accuracy"],
-    }
 
 
 def train_saes(
@@ -523,28 +508,6 @@ def table(results: dict) -> str:
             f"| {label} | {_cell(h['off'])} | {_cell(h['on'])} | {h['n']} | {h['mcnemar_p']:.3g} |"
         )
     return "\n".join(lines) + "\n\n" + "\n".join(hall)
-
-
-def recipe_lines(seeds: list[dict]) -> str:
-    """One line per seed: zero-shot accuracy, shared concepts, top-k overlap, random accuracy."""
-    lines = []
-    for s in seeds:
-        r = s["recipe"]
-        z = r["zero_shot"]
-        zs = (
-            f"zero-shot top-1 {100 * z['top1']:.1f}% (chance {100 * z['chance_top1']:.1f}%), "
-            f"recall {100 * z['recall']:.1f}%"
-            if z
-            else "zero-shot n/a (no text encoder)"
-        )
-        overlap = r["cross_modal_overlap"]
-        overlap = "n/a" if overlap is None else f"{overlap:.3f}"
-        lines.append(
-            f"- seed {s['seed']} ({r['kind']}): {zs}; projector SAE: {r['shared_concepts']} shared "
-            f"concepts, image-caption top-k overlap {overlap}; "
-            f"random-split accuracy (guard off) {r['random_accuracy']:.1f}%"
-        )
-    return "\n".join(lines)
 
 
 def report(results: dict) -> str:

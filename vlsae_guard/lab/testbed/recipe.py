@@ -288,3 +288,40 @@ def staged(model, pixels, processor, batcher, world: World, recipe, training, lo
     )
     tower.requires_grad_(True)
     return record
+
+
+def recipe_summary(record: dict, projector: dict, test: dict) -> dict:
+    """What issue 16 asks per seed: the recipe, the tower's zero-shot object accuracy (llava
+    recipe only: scratch has no text encoder), the projector VL-SAE's shared concepts and
+    image-caption top-k overlap, and the guard-off random-split accuracy on test."""
+    recipe = record.get("recipe")
+    first = next(iter(test.values()))
+    return {
+        "kind": recipe["kind"] if recipe else "scratch",
+        "zero_shot": recipe["stages"]["clip"]["zero_shot"] if recipe else None,
+        "shared_concepts": int(projector.get("n_shared", 0)),
+        "cross_modal_overlap": projector.get("cross_modal_overlap"),
+        "random_accuracy": first["splits"]["random"]["off"]["accuracy"],
+    }
+
+
+def recipe_lines(seeds: list[dict]) -> str:
+    """One line per seed: zero-shot accuracy, shared concepts, top-k overlap, random accuracy."""
+    lines = []
+    for s in seeds:
+        r = s["recipe"]
+        z = r["zero_shot"]
+        zs = (
+            f"zero-shot top-1 {100 * z['top1']:.1f}% (chance {100 * z['chance_top1']:.1f}%), "
+            f"recall {100 * z['recall']:.1f}%"
+            if z
+            else "zero-shot n/a (no text encoder)"
+        )
+        overlap = r["cross_modal_overlap"]
+        overlap = "n/a" if overlap is None else f"{overlap:.3f}"
+        lines.append(
+            f"- seed {s['seed']} ({r['kind']}): {zs}; projector SAE: {r['shared_concepts']} shared "
+            f"concepts, image-caption top-k overlap {overlap}; "
+            f"random-split accuracy (guard off) {r['random_accuracy']:.1f}%"
+        )
+    return "\n".join(lines)
