@@ -3,10 +3,10 @@
     python benchmarks/testbed.py --seeds 0 1 2 --out runs/testbed      # ~20 min, 2-core CPU
     python benchmarks/testbed.py --fast --seeds 0 --out runs/testbed-fast   # under a minute
 
-Builds a generated world with a planted co-occurrence bias, trains a small LLaVA on it with
-LLaVA's staged recipe (CLIP pre-training, projector, instruction tuning; ``"recipe": {"kind":
-"scratch"}`` in --config: the single from-scratch loop of the published tables), cached under
---cache by a hash of everything that decides its weights, trains
+Builds a generated world with a planted co-occurrence bias, trains a small LLaVA on it from
+scratch (the published tables; ``"recipe": {"kind": "llava"}`` in --config: LLaVA's staged
+recipe, CLIP pre-training, projector, instruction tuning; ``--fast`` runs a tiny staged one),
+cached under --cache by a hash of everything that decides its weights, trains
 VL-SAEs with the project's pipeline, chooses each guard variant's alpha on a validation split
 and runs the POPE harness A/B on the test split. Writes ``OUT/results.json`` (settings, hashes,
 choices with the validation numbers they were made on, per-seed and pooled results, versions)

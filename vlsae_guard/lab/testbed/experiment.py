@@ -99,8 +99,8 @@ class ExperimentConfig(FrozenSettings):
     world: WorldConfig = WorldConfig()
     model: ModelConfig = ModelConfig()
     training: TrainingConfig = TrainingConfig()
-    # Absent in configs written before recipes: they load with the default (llava) recipe;
-    # {"recipe": {"kind": "scratch"}} reproduces the published results.
+    # Absent in configs written before recipes: they load with the default (scratch) recipe,
+    # which reproduces the published results; {"recipe": {"kind": "llava"}}: LLaVA's stages.
     recipe: RecipeConfig = RecipeConfig()
     sae: SAESettings = SAESettings()
     eval: EvalConfig = EvalConfig()
@@ -119,8 +119,8 @@ class ExperimentConfig(FrozenSettings):
                 text_heads=2,
             ),
             training=TrainingConfig(steps=8, batch_size=8),
-            recipe=RecipeConfig(
-                clip_steps=8, clip_batch_size=16, lm_warmup_steps=4, projector_steps=4
+            recipe=RecipeConfig(  # the staged recipe, so the fast run exercises it end to end
+                kind="llava", clip_steps=8, clip_batch_size=16, lm_warmup_steps=4, projector_steps=4
             ),
             sae=SAESettings(pairs=24, epochs=2, batch_size=64, align_epochs=2, align_batch_size=8),
             eval=EvalConfig(

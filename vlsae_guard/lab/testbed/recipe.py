@@ -39,7 +39,7 @@ class RecipeConfig(FrozenSettings):
     captioning loop from random weights: the recipe of docs/testbed.md's published tables,
     bit-identical to before recipes existed, same cache keys)."""
 
-    kind: Literal["scratch", "llava"] = "llava"
+    kind: Literal["scratch", "llava"] = "scratch"  # the published tables; "llava": staged
     # (a) contrastive pre-training of the tower
     clip_steps: int = Field(default=600, ge=1)
     clip_batch_size: int = Field(default=128, ge=2)
