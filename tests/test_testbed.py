@@ -278,7 +278,8 @@ def test_embedded_loss_is_llavas_loss_from_pixels(world, tmp_path):
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
     from vlsae_guard.lab import tiny
-    from vlsae_guard.lab.testbed.model import CAPTION_PROMPT, _Batcher
+    from vlsae_guard.lab.testbed.model import _Batcher
+    from vlsae_guard.lab.testbed.world import CAPTION_PROMPT
 
     sizes = ModelConfig(vision_hidden=32, vision_intermediate=64, vision_heads=1).sizes(32)
     path = tiny.build_hf_llava(tmp_path / "m", seed=0, **vars(sizes))

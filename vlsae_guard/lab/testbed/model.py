@@ -32,13 +32,11 @@ from pydantic import Field
 
 from ...pipeline.train import warmup_cosine
 from ...provenance import sha256_dir
-from ...scoring.pope import build_prompt
 from ...validation import FrozenSettings
 from .. import tiny
 from .recipe import RecipeConfig, staged
-from .world import QUESTION, Scene, World
+from .world import World, example
 
-CAPTION_PROMPT = "Describe this image."
 CACHE_FORMAT = 1  # bump when training changes in a way the configs do not show
 
 
@@ -168,18 +166,6 @@ class _Batcher:
         return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
-def example(scene: Scene, names: list[str], config: TrainingConfig, rng) -> tuple[str, str]:
-    """One training (prompt, answer): a caption, or a yes/no question about a present or a
-    uniformly drawn absent object."""
-    if rng.random() < config.caption_share:
-        return CAPTION_PROMPT, scene.caption
-    if rng.random() < 0.5:
-        name, answer = str(rng.choice(sorted(scene.present))), "yes"
-    else:
-        name, answer = str(rng.choice([n for n in names if n not in scene.present])), "no"
-    return build_prompt(QUESTION.format(name=name), "llava"), answer.capitalize()
-
-
 def train(
     world: World,
     model_config: ModelConfig,
@@ -248,7 +234,7 @@ def _fit(model, scenes, pixels, batcher, world: World, config: TrainingConfig, l
     every = max(1, config.steps // 10)
     for step in range(config.steps):
         pick = rng.integers(0, len(scenes), config.batch_size)
-        batch = batcher([example(scenes[i], names, config, rng) for i in pick])
+        batch = batcher([example(scenes[i], names, config.caption_share, rng) for i in pick])
         loss = model(pixel_values=pixels[torch.from_numpy(pick)], **batch).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -28,7 +28,7 @@ from torch import nn
 from ...pipeline.train import warmup_cosine
 from ...validation import FrozenSettings
 from .. import tiny
-from .world import Scene, World
+from .world import CAPTION_PROMPT, Scene, World, example
 
 ZERO_SHOT_PROMPT = "A picture of a {name}."
 
@@ -233,8 +233,6 @@ def lm_warmup(model, scenes: list[Scene], tokenizer, world, recipe, training, lo
 def staged(model, pixels, processor, batcher, world: World, recipe, training, log) -> dict:
     """Stages (a), warm-up, (b), (c) on ``model`` in place (``pixels``: the training split's);
     the record: each stage's loss curve (stage (c)'s as ``loss``) and the zero-shot accuracy."""
-    from .model import CAPTION_PROMPT, example
-
     tokenizer = processor.tokenizer
     scenes = world.splits["train"]
     test = [s.image for s in world.splits["test"]]
@@ -279,7 +277,7 @@ def staged(model, pixels, processor, batcher, world: World, recipe, training, lo
 
     def instruct_step(_step: int) -> torch.Tensor:
         pick = rng.integers(0, len(scenes), training.batch_size)
-        batch = batcher([example(scenes[i], names, training, rng) for i in pick])
+        batch = batcher([example(scenes[i], names, training.caption_share, rng) for i in pick])
         return embedded_loss(model, features[torch.from_numpy(pick)], batch, image_token)
 
     trainable = [p for n, p in model.named_parameters() if "vision_tower" not in n]

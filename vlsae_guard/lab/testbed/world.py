@@ -30,6 +30,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 from pydantic import Field, model_validator
 
+from ...scoring.pope import build_prompt
 from ...validation import FrozenSettings
 
 COLOURS = {
@@ -341,3 +342,18 @@ def build_questions(world: World, split: str, kind: str) -> list[Question]:
         asked += [(scene.name, n, "yes") for n in yes]
         asked += [(scene.name, n, "no") for n in negatives(world, scene, kind, m, rng)]
     return [Question(i, image, name, label) for i, (image, name, label) in enumerate(asked)]
+
+
+CAPTION_PROMPT = "Describe this image."
+
+
+def example(scene: Scene, names: list[str], caption_share: float, rng) -> tuple[str, str]:
+    """One training (prompt, answer): a caption (with probability ``caption_share``), or a
+    yes/no question about a present or a uniformly drawn absent object."""
+    if rng.random() < caption_share:
+        return CAPTION_PROMPT, scene.caption
+    if rng.random() < 0.5:
+        name, answer = str(rng.choice(sorted(scene.present))), "yes"
+    else:
+        name, answer = str(rng.choice([n for n in names if n not in scene.present])), "no"
+    return build_prompt(QUESTION.format(name=name), "llava"), answer.capitalize()
