@@ -32,11 +32,13 @@ def write_inputs(root: Path, images, n_questions: int = 8) -> Path:
     return root
 
 
-def write_sae(root: Path, n_concepts: int = 256, k: int = 16, every: int = 3) -> Path:
+def write_sae(
+    root: Path, n_concepts: int = 256, k: int = 16, every: int = 3, d_in: int = 64
+) -> Path:
     """``root/sae``: a random VL-SAE for the tiny models (every ``every``-th concept shared)."""
     torch.manual_seed(0)
     shared = list(range(0, n_concepts, every))
-    config = SAEConfig(d_in=64, n_concepts=n_concepts, k=k, shared_concepts=shared)
+    config = SAEConfig(d_in=d_in, n_concepts=n_concepts, k=k, shared_concepts=shared)
     VLSAE(config).eval().save_pretrained(root / "sae")
     return root / "sae"
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from _pope import answers, run, run_config, texts
+from _pope import answers, run, run_config, texts, write_sae
 from PIL import Image
 
 from vlsae_guard import GuardConfig, provenance
@@ -360,3 +360,27 @@ def test_an_output_directory_of_the_old_layout_is_refused(pope_inputs, tiny_hf_d
     (tmp_path / "answers" / "guard-off").mkdir(parents=True)
     with pytest.raises(harness.common.BenchmarkError, match="rename answers/guard-off"):
         run(pope_inputs, tiny_hf_dir, tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (
+            ["--method", "pai"],
+            "pai: layers 2 .. 1 are asked for",
+        ),  # the tiny model has 2 layers: PAI cannot attach
+        (["--sae", "NARROW", "--ab"], "method 'vlsae'"),  # an SAE for another model width
+    ],
+)
+def test_a_method_that_cannot_attach_is_one_line_exit_2(
+    argv, message, pope_inputs, tiny_hf_dir, tmp_path, capsys
+):
+    """Found when the model is loaded, after the flags were valid: still no traceback."""
+    narrow = str(write_sae(tmp_path, d_in=32))
+    argv = [narrow if a == "NARROW" else a for a in argv]
+    script = load_script("pope")
+    base = ["--model", str(tiny_hf_dir), "--questions", str(pope_inputs / "questions.jsonl")]
+    base += ["--images", str(pope_inputs / "images"), "--max-new-tokens", "2"]
+    assert script.main([*base, "--out", str(tmp_path / "out"), *argv]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err

@@ -31,7 +31,7 @@ from ..harness.config import (
 )
 from ..harness.generation import BACKENDS, PROMPT_FORMATS
 from ..lab.demo import DemoConfig
-from ..methods import MODES
+from ..methods import MODES, MethodError
 from ..scoring import chair, pope
 from ..scoring.files import DataError
 from .guard_flags import (
@@ -292,6 +292,7 @@ EXPECTED_ERRORS: tuple[type[Exception], ...] = (
     CheckpointError,
     GuardError,
     GuardFlagsError,
+    MethodError,
     UnsupportedModelError,
     generation.BackendUnavailable,
     generation.GenerationError,

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 from PIL import Image
 
-from .. import backends
+from .. import backends, methods
 from ..backends.hf import PROMPT_FORMATS as PROMPT_FORMATS  # re-exported: --prompt-format
 from ..backends.hf import hf_prompt
 from ..backends.hf import llava_conversation as llava_conversation
@@ -108,13 +108,9 @@ class LocalGenerator(Generator):
             return
         if arm not in self.arms:
             raise GenerationError(f"this generator was loaded for {list(self.arms)}, not {arm!r}")
-        from ..methods import MODES, attach
-
-        self.close()
-        sae = self.sae if arm in MODES else None
-        if arm in MODES and sae is None:
-            raise GenerationError(f"the {arm} arm needs an SAE (load(..., sae=DIR))")
-        self.handle = attach(arm, self.model, sae=sae, settings=self.arms[arm])
+        self.close()  # attach() refuses an SAE method without an SAE, before attaching
+        sae = self.sae if arm in methods.MODES else None
+        self.handle = methods.attach(arm, self.model, sae=sae, settings=self.arms[arm])
         self.arm = arm
 
     def answer(self, images, prompts, decoding, arm, seeds=None):
