@@ -132,7 +132,7 @@ class Setup:
         if arm in MODES:
             base.update(sae_sha256=self.sae_sha256, guard=self.guard)
         elif arm != "none":
-            base["method_settings"] = run.settings_of(arm).model_dump(mode="json")
+            base["method_settings"] = run.peer_settings()[arm]
         return base
 
 
@@ -317,11 +317,7 @@ def settings_record(run: RunConfig, setup_: Setup, extra: dict) -> dict:
         "method": run.method,
         "arms": list(run.arms),
         "guard": setup_.guard,
-        "method_settings": {
-            arm: run.settings_of(arm).model_dump(mode="json")
-            for arm in run.arms
-            if arm not in MODES and arm != "none"
-        },
+        "method_settings": run.peer_settings(),
         "guard_fit": recorded_fit(run.out),
         "decoding": setup_.decoding.describe(),
         "seed": run.seed,

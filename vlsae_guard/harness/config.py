@@ -225,6 +225,14 @@ class RunConfig(Settings):
             fields[key] = {"value": override.value, "reason": override.reason, "used": used}
         return {"name": self.preset, "fields": fields}
 
+    def peer_settings(self) -> dict[str, dict]:
+        """The settings of the arms that are neither none nor an SAE method, as JSON."""
+        return {
+            arm: self.settings_of(arm).model_dump(mode="json")
+            for arm in self.arms
+            if arm != "none" and arm not in MODES
+        }
+
     def settings_of(self, method: str):
         """The validated settings of ``method`` in this run (None for none)."""
         if method == "none":

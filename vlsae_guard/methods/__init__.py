@@ -35,26 +35,27 @@ class NoSettings(FrozenSettings):
 
 @dataclass(frozen=True)
 class MethodSpec:
-    """A method: its settings model, how it attaches, whether it needs an SAE, its cost."""
+    """A method: its settings model, how it attaches, its cost, and for the SAE methods the
+    guard mode they run."""
 
     name: str
     settings: type[FrozenSettings]
     attach: Callable[..., MethodHandle]  # attach(model, settings, sae) -> handle
-    needs_sae: bool
     arms: int  # forward passes per generated token, relative to plain decoding
     summary: str
+    mode: str | None = None  # GuardConfig.mode of an SAE method (vlsae, paper); None: no SAE
+
+    @property
+    def needs_sae(self) -> bool:
+        return self.mode is not None
 
 
 def _plain(model, settings, sae):
     return PlainHandle(model)
 
 
-def _guarded(mode: str):
-    def attach(model, settings: GuardConfig, sae):
-        return guard(model, sae, config=settings)
-
-    attach.__name__ = f"attach_{mode}"
-    return attach
+def _guarded(model, settings: GuardConfig, sae):
+    return guard(model, sae, config=settings)
 
 
 def _two_arm(handle_type: type[TwoArmHandle], name: str):
@@ -68,34 +69,36 @@ def _two_arm(handle_type: type[TwoArmHandle], name: str):
 METHODS: dict[str, MethodSpec] = {
     spec.name: spec
     for spec in (
-        MethodSpec("none", NoSettings, _plain, False, 1, "the model as it is"),
+        MethodSpec("none", NoSettings, _plain, 1, "the model as it is"),
         MethodSpec(
-            "vlsae", GuardConfig, _guarded("projector"), True, 1,
+            "vlsae", GuardConfig, _guarded, 1,
             "VL-SAE guard at the projector: image tokens rebuilt through shared concepts",
+            mode="projector",
         ),
         MethodSpec(
-            "paper", GuardConfig, _guarded("paper"), True, 2,
+            "paper", GuardConfig, _guarded, 2,
             "the VL-SAE paper's inference: text states at layer L shifted, logits fused",
+            mode="paper",
         ),
         MethodSpec(
-            "vcd", VCDSettings, _two_arm(VCDHandle, "vcd"), False, 2,
+            "vcd", VCDSettings, _two_arm(VCDHandle, "vcd"), 2,
             "Visual Contrastive Decoding: contrast against a diffusion-noised image",
         ),
         MethodSpec(
-            "m3id", M3IDSettings, _two_arm(M3IDHandle, "m3id"), False, 2,
+            "m3id", M3IDSettings, _two_arm(M3IDHandle, "m3id"), 2,
             "M3ID: contrast against the prompt without its image, growing with length",
         ),
         MethodSpec(
-            "pai", PAISettings, _two_arm(PAIHandle, "pai"), False, 2,
+            "pai", PAISettings, _two_arm(PAIHandle, "pai"), 2,
             "PAI: attention to the image amplified, contrasted against the prompt without it",
         ),
         MethodSpec(
-            "dola", DoLaSettings, _two_arm(DoLaHandle, "dola"), False, 1,
+            "dola", DoLaSettings, _two_arm(DoLaHandle, "dola"), 1,
             "DoLa: contrast the final layer with its most divergent early layer (one forward)",
         ),
     )
 }  # fmt: skip
-MODES = {"vlsae": "projector", "paper": "paper"}  # the GuardConfig mode of each SAE method
+MODES = {n: s.mode for n, s in METHODS.items() if s.mode}  # the SAE methods' guard modes
 
 
 def method_settings(method: str, settings: FrozenSettings | None = None, **fields):
@@ -104,12 +107,8 @@ def method_settings(method: str, settings: FrozenSettings | None = None, **field
     if settings is not None and fields:
         raise MethodError("pass either settings=... or keyword settings, not both")
     if settings is None:
-        if method in MODES:
-            mode = fields.setdefault("mode", MODES[method])
-            if mode != MODES[method]:
-                raise MethodError(
-                    f"method {method!r} runs guard mode {MODES[method]!r}, not {mode!r}"
-                )
+        if spec.mode:  # checked first: another mode's settings may fail for other reasons
+            _check_mode(spec, fields.setdefault("mode", spec.mode))
         try:
             settings = spec.settings(**fields)
         except ValidationError as e:
@@ -118,11 +117,14 @@ def method_settings(method: str, settings: FrozenSettings | None = None, **field
         raise MethodError(
             f"method {method!r} takes {spec.settings.__name__}, found {type(settings).__name__}"
         )
-    if method in MODES and settings.mode != MODES[method]:
-        raise MethodError(
-            f"method {method!r} runs guard mode {MODES[method]!r}, not {settings.mode!r}"
-        )
+    if spec.mode:
+        _check_mode(spec, settings.mode)
     return settings
+
+
+def _check_mode(spec: MethodSpec, mode: str) -> None:
+    if mode != spec.mode:
+        raise MethodError(f"method {spec.name!r} runs guard mode {spec.mode!r}, not {mode!r}")
 
 
 def spec_of(method: str) -> MethodSpec:
