@@ -1,6 +1,6 @@
 """POPE with and without the VL-SAE guard: answers per arm, metrics, significance, plot.
 
-    python benchmarks/pope.py --demo                      # offline, tiny model, ~1 min on a CPU
+    python benchmarks/pope.py --demo                      # offline, a lab model, ~80 s on a CPU
     python benchmarks/pope.py --model llava-hf/llava-1.5-7b-hf --sae DIR --ab \\
         --dataset coco_llava --images val2014/ --out runs/pope-7b
 

@@ -1,16 +1,17 @@
-"""The CPU hallucination testbed: does the guard reduce planted object hallucination?
+"""The CPU hallucination lab: two planted causes, every method measured against plain decoding.
 
-    python benchmarks/testbed.py --seeds 0 1 2 --out runs/testbed      # ~20 min, 2-core CPU
+    python benchmarks/testbed.py --seeds 0 1 2 --out runs/testbed      # ~25 min, 2-core CPU
     python benchmarks/testbed.py --fast --seeds 0 --out runs/testbed-fast   # under a minute
+    python benchmarks/testbed.py --config benchmarks/configs/testbed-scratch-v1.json ...
 
-Builds a generated world with a planted co-occurrence bias, trains a small LLaVA on it from
-scratch (the published tables; ``"recipe": {"kind": "llava"}`` in --config: LLaVA's staged
-recipe, CLIP pre-training, projector, instruction tuning; ``--fast`` runs a tiny staged one),
-cached under --cache by a hash of everything that decides its weights, trains
-VL-SAEs with the project's pipeline, chooses each guard variant's alpha on a validation split
-and runs the POPE harness A/B on the test split. Writes ``OUT/results.json`` (settings, hashes,
-choices with the validation numbers they were made on, per-seed and pooled results, versions)
-and ``OUT/results.md``; the logic lives in ``vlsae_guard.lab.testbed``.
+Builds a generated world with a named co-occurrence and an unnamed visual context planted in
+its training split, trains a small LLaVA on it with LLaVA's staged recipe (cached under --cache
+by a hash of everything that decides its weights), reads the diagnostic and the probes off it,
+trains VL-SAEs with the project's pipeline, chooses each method's settings (VL-SAE variants,
+VCD, M3ID, PAI, DoLa) on the validation split and runs the POPE harness A/B on the test split.
+Writes ``OUT/results.json`` (settings, hashes, choices with the validation numbers they were
+made on, per-seed and pooled results, the ``summary`` rows, versions) and ``OUT/results.md``;
+the logic lives in ``vlsae_guard.lab.testbed``.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from pydantic import ValidationError
 from vlsae_guard import outputs
 from vlsae_guard.cli import bench_flags
 from vlsae_guard.harness import common
-from vlsae_guard.lab.testbed import experiment
+from vlsae_guard.lab.testbed import experiment, pooling
 
 
 def parser() -> argparse.ArgumentParser:
@@ -61,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
             "benchmarks/testbed.py",
             *(argv if argv is not None else sys.argv[1:]),
         ]
-        text = experiment.report(results)
+        text = pooling.report(results)
         outputs.write_text(args.out / "results.json", json.dumps(results, indent=2) + "\n")
         outputs.write_text(args.out / "results.md", text + "\n")
         print(text)

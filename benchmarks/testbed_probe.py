@@ -48,7 +48,11 @@ def main(argv: list[str] | None = None) -> int:
         for seed, record in zip(run["seeds"], run["per_seed"], strict=True):
             world = build_world(config, seed)
             result = probe(record["model"]["path"], world, args.images, args.lam)
-            off = [t["hallucination"]["off"] for t in record["test"].values()]
+            # (results before the lab: one cause, recorded as "hallucination")
+            off = [
+                t["causes"]["cooccurrence"]["off"] if "causes" in t else t["hallucination"]["off"]
+                for t in record["test"].values()
+            ]
             seeds.append({"seed": seed, "model_sha256": record["model"]["sha256"],
                           "model_hallucination_off": off[0], **result})  # fmt: skip
         out = {"run": str(args.run), "seeds": seeds, "environment": provenance.environment()}

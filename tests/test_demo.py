@@ -11,6 +11,7 @@ from vlsae_guard import VLSAE, GuardConfig
 from vlsae_guard.cli import main
 from vlsae_guard.lab import demo
 from vlsae_guard.lab.demo import DemoConfig, run_demo
+from vlsae_guard.lab.testbed.experiment import ExperimentConfig
 from vlsae_guard.scoring import pope
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -23,30 +24,51 @@ def script_main(argv):
     return module.main(argv)
 
 
-def test_demo_writes_consistent_results(tmp_path, capsys):
-    assert script_main(["--demo", "--limit", "9", "--batch-size", "4", "--out", str(tmp_path)]) == 0
+FAST = ExperimentConfig.fast()
+
+
+@pytest.fixture
+def fast_lab(monkeypatch):
+    """The demo's flags and commands with the lab's tiny configuration (seconds, not a minute);
+    the real configuration runs in the slow test below."""
+    monkeypatch.setattr(ExperimentConfig, "demo", classmethod(lambda cls: FAST))
+
+
+def test_demo_writes_consistent_results(tmp_path, capsys, fast_lab):
+    argv = ["--demo", "--limit", "9", "--batch-size", "4", "--out", str(tmp_path)]
+    assert script_main(argv) == 0
     printed = capsys.readouterr().out
-    assert "say nothing about real LLaVA models" in printed and "McNemar p" in printed
+    assert "planted named co-occurrence ball -> kite" in printed and "McNemar p" in printed
+    assert "planted unnamed context stripes -> ring" in printed
     result = json.loads((tmp_path / "results.json").read_text())
-    split = result["splits"]["pope_shapes"]
-    questions = pope.load_questions(tmp_path / "inputs" / "pope_shapes.jsonl").questions[:9]
-    for arm in ("none", "vlsae"):
-        path = tmp_path / "answers" / f"{arm}" / "pope_shapes.jsonl"
-        rows = {r["question_id"]: r for r in map(json.loads, path.read_text().splitlines())}
-        preds = [pope.parse_answer(rows[q.question_id]["text"]) for q in questions]
-        metrics = pope.metrics(preds, [q.label for q in questions])
-        assert {k: split[arm][k] for k in metrics} == metrics
+    assert result["mean_f1"]["splits"] == list(FAST.world.question_sets)
+    for name in FAST.world.question_sets:
+        split = result["splits"][name]
+        questions = pope.load_questions(tmp_path / "inputs" / "test" / f"{name}.jsonl")
+        questions = questions.questions[:9]
+        for arm in ("none", "vlsae"):
+            path = tmp_path / "answers" / arm / f"{name}.jsonl"
+            rows = {r["question_id"]: r for r in map(json.loads, path.read_text().splitlines())}
+            preds = [pope.parse_answer(rows[q.question_id]["text"]) for q in questions]
+            metrics = pope.metrics(preds, [q.label for q in questions])
+            assert {k: split[arm][k] for k in metrics} == metrics
     assert result["settings"]["sae_sha256"] and result["settings"]["backend"] == "hf"
-    assert result["demo"]["sae"]["n_concepts"] == 128
+    assert result["demo"]["lab"] == FAST.model_dump(mode="json")
+    assert set(result["demo"]["causes"]) == {"cooccurrence", "context"}
     assert (tmp_path / "results.png").exists() and (tmp_path / "results.md").exists()
+    # a second run loads the cached model instead of training it again
+    assert script_main([*argv, "--seed", "0"]) == 0
+    assert json.loads((tmp_path / "results.json").read_text())["demo"]["model"]["cached"]
 
 
-def test_cli_demo_is_the_same_run(tmp_path, capsys):
+def test_cli_demo_is_the_same_run(tmp_path, capsys, fast_lab):
     assert main(["demo", "--images", "3", "--alpha", "1.0", "--out", str(tmp_path)]) == 0
-    assert "say nothing about real LLaVA models" in capsys.readouterr().out
+    assert "planted" in capsys.readouterr().out
     result = json.loads((tmp_path / "results.json").read_text())
     assert result["settings"]["guard"]["alpha"] == 1.0
-    assert result["splits"]["pope_shapes"]["comparison"]["n"] == 3 * len(demo.SHAPES)
+    lines = (tmp_path / "inputs" / "test" / "random.jsonl").read_text().splitlines()
+    images = {json.loads(line)["image"] for line in lines}
+    assert len(images) == 3
 
 
 def test_run_demo_takes_a_typed_config_and_parses_no_flags(tmp_path, monkeypatch):
@@ -55,20 +77,22 @@ def test_run_demo_takes_a_typed_config_and_parses_no_flags(tmp_path, monkeypatch
 
     monkeypatch.setattr(argparse.ArgumentParser, "parse_args", no_parsing)
     monkeypatch.setattr(argparse.ArgumentParser, "parse_known_args", no_parsing)
-    config = DemoConfig(out=tmp_path, n_images=2, limit=4, guard=GuardConfig(alpha=0.7))
+    config = DemoConfig(out=tmp_path, n_images=2, limit=4, guard=GuardConfig(alpha=0.7), lab=FAST)
     results, text = run_demo(config, progress=False)
     assert results["settings"]["guard"] == GuardConfig(alpha=0.7).model_dump(mode="json")
-    assert results["settings"]["limit"] == 4 and results["mean_f1"]["splits"] == ["pope_shapes"]
-    assert results["splits"]["pope_shapes"]["comparison"]["n"] == 4
+    assert results["settings"]["limit"] == 4
+    assert results["splits"]["random"]["comparison"]["n"] <= 4
     assert "alpha=0.7" in text and (tmp_path / "results.json").exists()
 
 
-def test_scenes_match_their_questions():
-    scenes = demo.make_scenes(6, seed=1)
-    for q in demo.questions(scenes):
-        shape = q["text"].split()[3]
-        present = any(s == shape for _, s in scenes[q["image"]].objects)
-        assert q["label"] == ("yes" if present else "no")
+@pytest.mark.slow
+def test_the_readme_demo_shows_a_planted_hallucination(tmp_path):
+    """The real demo configuration, from an empty cache: the guard-off arm hallucinates on
+    both planted causes (issue 16: the demo's table must show one)."""
+    results, _ = run_demo(DemoConfig(out=tmp_path), progress=False)
+    causes = results["demo"]["causes"]
+    assert causes["cooccurrence"]["off"] >= 50 and causes["context"]["off"] >= 50
+    assert results["splits"]["random"]["none"]["accuracy"] >= 70
 
 
 def test_fitted_sae_reconstructs_and_shares(hf_model_and_processor):

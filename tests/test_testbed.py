@@ -1,5 +1,6 @@
-"""The CPU hallucination testbed: world, POPE question sets, model training/caching, selection,
-and a --fast end-to-end run of benchmarks/testbed.py."""
+"""The CPU hallucination lab: world and its two planted causes, POPE question sets, model
+training/caching, the diagnostic, selection, pooling, and a --fast end-to-end run of
+benchmarks/testbed.py."""
 
 from __future__ import annotations
 
@@ -11,11 +12,12 @@ import numpy as np
 import pytest
 import torch
 
-from vlsae_guard.lab.testbed import experiment
+from vlsae_guard.lab.testbed import diagnostic, evaluation, experiment, pooling
 from vlsae_guard.lab.testbed.model import ModelConfig, TrainingConfig, trained_model
 from vlsae_guard.lab.testbed.recipe import RecipeConfig, embedded_loss, tower_features
 from vlsae_guard.lab.testbed.world import (
     QUESTION_SETS,
+    ContextConfig,
     Statistics,
     WorldConfig,
     build_world,
@@ -123,6 +125,111 @@ def test_world_config_rejects_bad_settings():
         WorldConfig(max_objects=8)
 
 
+def test_context_cause_is_planted_in_train_unnamed_and_broken_in_test(world):
+    c = WORLD.context_object
+    assert c == "ring"  # "auto": the last class in no bias pair
+    for split, scenes in world.splits.items():
+        stripes = [s for s in scenes if s.stripes]
+        plain = [s for s in scenes if not s.stripes]
+        assert 0.2 < len(stripes) / len(scenes) < 0.4  # share 0.3
+        rate = sum(c in s.present for s in stripes) / len(stripes)
+        base = sum(c in s.present for s in plain) / len(plain)
+        if split == "train":
+            assert rate > 0.75 and base < 0.15
+        else:
+            assert abs(rate - base) < 0.25  # drawn independently of the stripes
+    for scene in world.splits["train"][:300]:
+        assert "stripe" not in scene.caption  # the cue is never named
+    # the stripes are drawn: striped images differ from their background in many pixels
+    scene = next(s for s in world.splits["test"] if s.stripes)
+    pixels = np.asarray(scene.image).reshape(-1, 3)
+    assert (np.abs(pixels.astype(int) - (35, 95, 120)).max(1) < 40).mean() > 0.1
+    test = {s.name: s for s in world.splits["test"]}
+    questions = world.questions("test")["context"]
+    assert {q.label for q in questions} == {"yes", "no"}
+    for q in questions:
+        scene = test[q.image]
+        assert q.name == c
+        assert (q.label == "no") == (scene.stripes and c not in scene.present)
+        assert (q.label == "yes") == (c in scene.present and not scene.stripes)
+
+
+def test_the_v1_config_draws_exactly_the_world_of_before_the_lab():
+    """benchmarks/configs/testbed-scratch-v1.json (the earlier tables' configuration): the same
+    images and captions as the code before issue 16 drew (sha256 of its pixels and captions,
+    taken from that code, on a smaller world)."""
+    import hashlib
+
+    v1 = experiment.ExperimentConfig.model_validate_json(
+        (ROOT / "benchmarks" / "configs" / "testbed-scratch-v1.json").read_text()
+    )
+    assert v1.recipe.kind == "scratch" and v1.training.steps == 2000 and not v1.eval.peers
+    config = v1.world.model_copy(update={"n_train": 64, "n_val": 16, "n_test": 16})
+    digest = hashlib.sha256()
+    for scenes in build_world(config, seed=3).splits.values():
+        for scene in scenes:
+            digest.update(scene.image.tobytes())
+            digest.update(scene.caption.encode())
+    assert digest.hexdigest() == (
+        "373d7b074d9e41f42ce0294adba5c50230c5240962f2a17325f50de38def507d"
+    )
+    assert config.question_sets == ("random", "popular", "adversarial", "bias")
+    assert config.causes == {"cooccurrence": "bias"}
+
+
+def test_context_object_must_be_a_free_class():
+    with pytest.raises(ValueError, match=r"context.object: .*found 'kite'"):
+        WorldConfig(context=ContextConfig(object="kite"))  # a bias pair's B
+    with pytest.raises(ValueError, match="context.object"):
+        WorldConfig(context=ContextConfig(object="zebra"))
+    assert WorldConfig(context=ContextConfig(object="apple")).context_object == "apple"
+
+
+def test_a_config_written_before_the_lab_loads_and_plants_cooccurrence(tmp_path):
+    """Issue 16, ask 7: world.classes / bias_pairs / bias_rate as today's configs write them."""
+    old = {
+        "world": {
+            "classes": [
+                {"name": n, "shape": sh, "colour": co}
+                for n, sh, co in [
+                    ("ball", "circle", "red"), ("box", "square", "blue"),
+                    ("kite", "triangle", "yellow"), ("cake", "triangle", "pink"),
+                    ("ring", "ring", "purple"),
+                ]
+            ],
+            "bias_pairs": [["ball", "kite"]],
+            "bias_rate": 0.95,
+            "max_objects": 3,
+            "n_train": 400,
+        }
+    }  # fmt: skip
+    config = experiment.ExperimentConfig.model_validate_json(json.dumps(old))
+    assert config.world.bias_rate == 0.95 and config.world.context_object == "ring"
+    world = build_world(config.world, seed=0)
+    assert world.statistics.rate("ball", "kite") > 0.9
+    assert set(world.questions("val")) == set(QUESTION_SETS)
+
+
+def test_diagnostic_images_hold_what_each_condition_says(world):
+    rng = np.random.default_rng(0)
+    for cause in diagnostic.cues(world):
+        cue, b = cause["cue"], cause["object"]
+        for condition in ("cue_only", "neither", "b_small", "b_large"):
+            scenes = diagnostic.scenes(world, cue, b, condition, 6, rng)
+            for scene in scenes:
+                has_cue = scene.stripes if cue == "stripes" else cue in scene.present
+                assert has_cue == (condition == "cue_only")
+                assert (b in scene.present) == condition.startswith("b_")
+        small = diagnostic.scenes(world, cue, b, "b_small", 20, np.random.default_rng(1))
+        large = diagnostic.scenes(world, cue, b, "b_large", 20, np.random.default_rng(1))
+        side = [
+            np.mean([s.boxes[s.objects.index(b)][2] - s.boxes[s.objects.index(b)][0] for s in x])
+            for x in (small, large)
+        ]
+        scale = next(c.scale for c in WORLD.classes if c.name == b)
+        assert side[1] > side[0] if scale < 1 else side[1] == side[0]
+
+
 def test_trained_model_loads_in_hub_layout_and_is_cached(world, tmp_path, monkeypatch):
     from safetensors import safe_open
     from transformers import AutoModelForImageTextToText
@@ -162,30 +269,47 @@ def test_training_is_deterministic(tmp_path):
     assert a.sha256 == b.sha256
 
 
-def _val(variant, alpha, on, off=50.0):
-    return {"variant": variant, "alpha": alpha, "mean_f1": {"off": off, "on": on}}
+def _val(name, alpha, on, off=50.0, family="vlsae"):
+    return {
+        "name": name,
+        "family": family,
+        "settings": {"alpha": alpha},
+        "mean_f1": {"off": off, "on": on},
+        "hallucination": {"cooccurrence": {"off": 30.0, "on": 20.0}},
+    }
 
 
 def test_choose_is_a_function_of_validation_numbers_only():
     val = [
         _val("replace", 0.25, 70.0),
         _val("replace", 0.5, 80.0),
-        _val("replace", 1.0, 80.0),  # tie: the smaller alpha wins
+        _val("replace", 1.0, 80.0),  # tie: the earlier candidate in the grid wins
         _val("edit", 0.5, 40.0),
         _val("edit", 1.0, 45.0),
+        _val("vcd", 1.0, 90.0, family="peer"),
     ]
-    for run in val:
-        run["hallucination"] = {"off": 30.0, "on": 20.0}
-    chosen = experiment.choose(val)
-    assert {k: v["alpha"] for k, v in chosen.items()} == {"replace": 0.5, "edit": 1.0}
-    assert experiment.choose(list(reversed(val))) == chosen
+    chosen = evaluation.choose(val)
+    alphas = {k: v["settings"]["alpha"] for k, v in chosen.items()}
+    assert alphas == {"replace": 0.5, "edit": 1.0, "vcd": 1.0}
     assert chosen["replace"]["val_mean_f1"] == {"off": 50.0, "on": 80.0}
+    # "selected" is a VL-SAE variant, however well a peer scored
+    assert evaluation.select(chosen) == "replace"
+
+
+def test_peer_grids_are_checked_when_the_config_is_built():
+    with pytest.raises(ValueError, match="grid of pai"):
+        evaluation.Peer(method="pai", grid=({"alpha": -1.0},))
+    with pytest.raises(ValueError, match="selected"):
+        evaluation.EvalConfig(variants=(evaluation.Variant(name="selected"),))
+    with pytest.raises(ValueError, match="distinct"):
+        evaluation.EvalConfig(variants=(evaluation.Variant(name="vcd"),))
 
 
 def test_fast_end_to_end_results(fast_run):
     root, results = fast_run
     config = experiment.ExperimentConfig.fast()
     variants = [v.name for v in config.eval.variants]
+    peers = [p.name for p in config.eval.peers]
     assert results["seeds"] == [0]
     assert set(results["config"]) == {"world", "model", "training", "recipe", "sae", "eval"}
     assert results["environment"]["packages"]["torch"]
@@ -193,27 +317,52 @@ def test_fast_end_to_end_results(fast_run):
     assert len(seed["model"]["sha256"]) == 64 and seed["model"]["training"]["loss"]
     assert {"projector", f"layer:{config.paper_layer}"} == set(seed["sae"])
     assert all(len(s["sha256"]) == 64 for s in seed["sae"].values())
-    assert len(seed["validation"]) == len(variants) * len(config.eval.alphas)
-    assert set(seed["chosen"]) == set(variants)
-    for name in variants:
+    grids = len(variants) * len(config.eval.alphas) + sum(len(p.grid) for p in config.eval.peers)
+    assert len(seed["validation"]) == grids
+    assert set(seed["chosen"]) == set(variants + peers)
+    assert seed["selected"] in variants
+    for name in variants + peers:
         run = seed["test"][name]
-        assert run["alpha"] == seed["chosen"][name]["alpha"]
-        assert run["guard"]["alpha"] == run["alpha"]
+        assert run["settings"] == seed["chosen"][name]["settings"]
+        assert run["arms"] == [
+            "none",
+            "paper" if name == "paper" else "vlsae" if name in variants else name,
+        ]
         assert set(run["splits"]) == set(QUESTION_SETS)
         for split in run["splits"].values():
             assert set(split["off"]) >= {"f1", "precision", "yes_ratio"}
             assert 0 <= split["mcnemar_p"] <= 1
-        assert {"off", "on", "n", "mcnemar_p"} <= set(run["hallucination"])
+        assert set(run["causes"]) == {"cooccurrence", "context"}
+        for cause in run["causes"].values():
+            assert {"off", "on", "n", "mcnemar_p", "recall_off", "recall_on"} <= set(cause)
         agg = results["aggregate"][name]
         assert agg["splits"]["random"]["off"]["f1"]["mean"] == run["splits"]["random"]["off"]["f1"]
-    assert set(seed["seconds"]) == {"world", "model", "sae", "validation", "test"}
+    # only the first test run generated plain decoding; the others reused its answers
+    assert [n for n, r in seed["test"].items() if "none" in r["arm_seconds"]] == [variants[0]]
+    assert seed["none_seconds"] > 0
+    assert set(seed["seconds"]) == {"world", "model", "diagnostic", "sae", "validation", "test"}
+    assert {r["cause"] for r in seed["diagnostic"]} == {"cooccurrence", "context"}
+    for row in seed["diagnostic"]:
+        assert all(0 < row[c] < 1 for c in diagnostic.CONDITIONS)
+        logit = [np.log(row[c] / (1 - row[c])) for c in ("cue_only", "no_image")]
+        assert row["no_image_contrast"] == pytest.approx(logit[0] - logit[1], abs=1e-3)
+    assert set(seed["probe"]["context"]) == {"stripes->ring"}
     recipe = seed["recipe"]
     assert recipe["kind"] == config.recipe.kind
     assert recipe["random_accuracy"] == run["splits"]["random"]["off"]["accuracy"]
     assert recipe["shared_concepts"] >= 0 and 0 <= recipe["cross_modal_overlap"] <= 1
     assert (recipe["zero_shot"] is None) == (config.recipe.kind == "scratch")
+    summary = results["summary"]
+    assert len(summary) == 2 * (len(variants) + len(peers) + 1)
+    for row in summary:
+        assert tuple(row) == pooling.SUMMARY_FIELDS
+        run = seed["test"][seed["selected"] if row["variant"] == "selected" else row["variant"]]
+        cause = run["causes"][row["cause"]]
+        assert row["hallucination_off"] == cause["off"] and row["n"] == cause["n"]
+        assert row["family"] == ("peer" if row["variant"] in peers else "vlsae")
+        assert row["cost_ratio"] > 0
     md = (root / "out" / "results.md").read_text()
-    assert "hallucination % off" in md and "| replace (" in md
+    assert "hallucination % off" in md and "| vcd | peer | context |" in md
     # the validation runs and the test runs read different images
     val_q = (root / "out" / "seed-0" / "val" / "random.jsonl").read_text()
     assert "test_" not in val_q and "val_" in val_q
@@ -232,7 +381,11 @@ def test_the_whole_experiment_is_deterministic_given_the_seed(fast_run, tmp_path
     assert a["chosen"] == b["chosen"] and a["selected"] == b["selected"]
     for name, run in a["test"].items():
         assert run["splits"] == b["test"][name]["splits"], name
-        assert run["hallucination"] == b["test"][name]["hallucination"], name
+        assert run["causes"] == b["test"][name]["causes"], name
+    assert first["summary"] == [
+        {**row, "cost_ratio": first["summary"][i]["cost_ratio"]}
+        for i, row in enumerate(second["summary"])
+    ]
 
 
 def test_ridge_probe_reads_a_linear_signal_and_not_noise():
@@ -326,3 +479,25 @@ def test_recipe_keeps_scratch_cache_keys_and_old_configs_load(world):
     assert experiment.ExperimentConfig.model_validate(old).recipe == RecipeConfig()
     with pytest.raises(ValueError):
         RecipeConfig(kind="clip-only")
+
+
+def test_testbed_plant_reads_the_validation_split(fast_run, tmp_path, capsys):
+    """benchmarks/testbed_plant.py on the --fast configuration: the cached model of the fast
+    run (no training), rates per question set, the diagnostic per cause."""
+    root, results = fast_run
+    spec = importlib.util.spec_from_file_location("plant", ROOT / "benchmarks/testbed_plant.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    config = tmp_path / "fast.json"
+    config.write_text(experiment.ExperimentConfig.fast().model_dump_json())
+    argv = ["--config", str(config), "--seeds", "0", "--out", str(tmp_path / "out")]
+    assert bench.main([*argv, "--cache", str(root / "cache"), "--images", "2"]) == 0
+    plant = json.loads((tmp_path / "out" / "plant.json").read_text())
+    (seed,) = plant["seeds"]
+    assert seed["model_sha256"] == results["per_seed"][0]["model"]["sha256"]  # the cached one
+    assert set(seed["validation"]) == set(QUESTION_SETS)
+    for entry in seed["validation"].values():
+        assert 0 <= entry["accuracy"] <= 100 and entry["n"] > 0
+    assert {r["cause"] for r in seed["diagnostic"]} == {"cooccurrence", "context"}
+    assert "| 0 |" in capsys.readouterr().out
+    assert bench.main(["--config", str(tmp_path / "missing.json")]) == 2

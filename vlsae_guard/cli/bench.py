@@ -1,5 +1,5 @@
-"""Benchmark commands: ``demo`` (the A/B harness on a tiny LLaVA) and ``score pope|chair``
-(files that others produced)."""
+"""Benchmark commands: ``demo`` (the A/B harness on a lab LLaVA trained here) and
+``score pope|chair`` (files that others produced)."""
 
 from __future__ import annotations
 
@@ -16,8 +16,8 @@ from .app import arg, field_arg, rewrite_args, rewrite_flag, subcommand, validat
 
 @subcommand(
     "demo",
-    "A/B POPE run of the guard on a tiny LLaVA built here (offline, under a minute on a CPU)",
-    field_arg(DemoConfig, "n_images", "--images", type=int, fill=True, help="generated images"),
+    "A/B POPE run of the guard on a lab LLaVA trained here (offline, ~80 s on a CPU; cached)",
+    field_arg(DemoConfig, "n_images", "--images", type=int, fill=True, help="test images"),
     field_arg(DemoConfig, "seed", "--seed", type=int, fill=True),
     arg("--alpha", type=float, help="guard strength in [0, 1] (default: 0.5, the guard's)"),
     *rewrite_args(),
@@ -25,8 +25,9 @@ from .app import arg, field_arg, rewrite_args, rewrite_flag, subcommand, validat
     field_arg(DemoConfig, "out", "--out", type=Path, fill=True, help="output directory"),
 )
 def demo_command(args: argparse.Namespace) -> None:
-    """Same as ``python benchmarks/pope.py --demo``: build a tiny LLaVA, a VL-SAE fitted to it,
-    images and POPE questions; run the A/B harness; print both arms, deltas and McNemar's p."""
+    """Same as ``python benchmarks/pope.py --demo``: train (or load) a lab LLaVA with its planted
+    hallucination and its VL-SAE; run the A/B harness on the lab's test questions; print each
+    cause's hallucination, both arms, deltas and McNemar's p."""
     from ..lab.demo import run_demo
 
     guard = validated(GuardConfig, "guard settings", alpha=args.alpha, rewrite=rewrite_flag(args))

@@ -57,7 +57,7 @@ def run(config: ChairRunConfig, progress: bool = True) -> dict:
         raise common.BenchmarkError("--images DIR is required (COCO val2014 images)")
     common.check_images(jobs, config.out)
     started = time.perf_counter()
-    common.generate(config, setup, jobs, "caption", progress)
+    arm_seconds = common.generate(config, setup, jobs, "caption", progress)
     seconds = time.perf_counter() - started
 
     scores, empty = {}, {}
@@ -92,6 +92,7 @@ def run(config: ChairRunConfig, progress: bool = True) -> dict:
             "scorer": chair.SCORER_VERSION,
             "bootstrap": {"replicates": config.bootstrap, "seed": config.seed, "level": 0.95},
             "generation_seconds": round(seconds, 1),
+            "arm_seconds": arm_seconds,  # per arm generated in this process (cost ratios)
         },
     )
     return results

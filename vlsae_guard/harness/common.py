@@ -15,6 +15,7 @@ import os
 import random
 import re
 import sys
+import time
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -214,11 +215,12 @@ def generate(
     jobs: Sequence[Job],
     output_field: str,
     progress: bool = True,
-) -> None:
-    """Answer every pending item of every job, arm by arm, appending as batches finish."""
+) -> dict[str, float]:
+    """Answer every pending item of every job, arm by arm, appending as batches finish; the
+    seconds each arm generated for (arms with nothing pending: absent)."""
     todo = [job for job in jobs if job.pending()]
     if not todo:
-        return
+        return {}
     guarded = any(job.arm in MODES for job in todo) and run.backend != "openai"
     model = run.model if setup_.model_dir is None else str(setup_.model_dir)
     generator = generation.load(
@@ -234,14 +236,19 @@ def generate(
         arms={arm: run.settings_of(arm) for arm in run.arms},
         image_aspect=run.image_aspect,
     )
+    seconds: dict[str, float] = {}
     try:
         for arm in run.arms:
+            started = time.perf_counter()
             for job in (j for j in todo if j.arm == arm):
                 _answer(generator, job, run, setup_, output_field, progress)
+            if any(j.arm == arm for j in todo):
+                seconds[arm] = round(time.perf_counter() - started, 3)
         if generator.fit is not None:  # kept for the results of this and of resumed runs
             outputs.write_text(run.out / FIT_FILE, json.dumps(generator.fit, indent=2) + "\n")
     finally:
         generator.close()
+    return seconds
 
 
 FIT_FILE = "guard_fit.json"

@@ -59,11 +59,13 @@ def run(config: PopeRunConfig, progress: bool = True) -> dict:
         raise common.BenchmarkError("--images DIR is required (the question files' images)")
     common.check_images(jobs, config.out)
     started = time.perf_counter()
-    common.generate(config, setup, jobs, "text", progress)
-    return score(config, setup, sets, jobs, arms, time.perf_counter() - started)
+    arm_seconds = common.generate(config, setup, jobs, "text", progress)
+    return score(config, setup, sets, jobs, arms, time.perf_counter() - started, arm_seconds)
 
 
-def score(config: PopeRunConfig, setup, sets, jobs, arms, seconds: float) -> dict:
+def score(
+    config: PopeRunConfig, setup, sets, jobs, arms, seconds: float, arm_seconds: dict | None = None
+) -> dict:
     strict = config.strict
     texts = {
         (job.arm, job.split): [job.log.records[it.key]["text"] for it in job.items] for job in jobs
@@ -113,6 +115,7 @@ def score(config: PopeRunConfig, setup, sets, jobs, arms, seconds: float) -> dic
             "questions": [qs.describe() for qs in sets],
             "bootstrap": {"replicates": config.bootstrap, "seed": config.seed, "level": 0.95},
             "generation_seconds": round(seconds, 1),
+            "arm_seconds": arm_seconds or {},  # per arm generated in this process (cost ratios)
         },
     )
     return results

@@ -1,18 +1,20 @@
-"""The demo's inputs, built offline from a seed: a tiny LLaVA, images, questions, a VL-SAE.
+"""The README's demo: a planted hallucination, and what the guard does about it.
 
-:func:`prepare` writes what a real POPE run reads, in the same formats: a random-weight LLaVA
-in the llava-hf layout, PNG images of coloured shapes, a POPE question file (JSON lines) about
-them, and a small VL-SAE checkpoint *fitted* to that model: concept directions sampled from its
-own projector outputs and caption-token embeddings, decoders solved by ridge least squares,
-shared concepts = those that fire for both modalities. ``benchmarks/pope.py --demo`` then runs
-the ordinary A/B harness on them.
+:func:`run_demo` trains a small LLaVA of the hallucination lab (:mod:`.testbed`) with LLaVA's
+staged recipe on a generated world with two planted causes (a named co-occurrence, and an
+unnamed striped background), cached by a hash of everything that decides its weights; trains
+its projector VL-SAE with the project's pipeline; and runs the ordinary POPE A/B harness
+(``none`` against the guard) on the world's test questions, including the two sets where each
+cause is broken. The lab's full experiment is ``benchmarks/testbed.py``.
 
-The model has random weights: the numbers show the machinery works, not that the guard helps.
+Also here: the random-weight helpers tests and benchmarks build inputs with
+(:func:`make_scenes`, :func:`fit_sae`: a VL-SAE fitted in closed form to any model).
 """
 
 from __future__ import annotations
 
-import json
+import dataclasses
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +32,10 @@ from ..core.sae_config import SAEConfig, Source
 from ..harness import pope as pope_harness
 from ..harness.config import PopeRunConfig, RunConfig
 from ..validation import Settings
-from . import tiny
+from .testbed.evaluation import cause_scores
+from .testbed.experiment import ExperimentConfig, train_saes
+from .testbed.model import trained_model
+from .testbed.world import build_world
 
 SHAPES = ("circle", "square", "triangle")
 COLOURS = {
@@ -72,20 +77,6 @@ def make_scenes(n: int, seed: int, size: int = 56) -> list[Scene]:
             objects.append((colour, str(shape)))
         scenes.append(Scene(img, objects))
     return scenes
-
-
-def questions(scenes: list[Scene]) -> list[dict]:
-    """One POPE-style question per (image, shape): "yes" if the shape is in the image."""
-    return [
-        {
-            "question_id": len(scenes) * j + i,
-            "image": i,
-            "text": f"Is there a {shape} in the image?",
-            "label": "yes" if any(s == shape for _, s in scene.objects) else "no",
-        }
-        for j, shape in enumerate(SHAPES)
-        for i, scene in enumerate(scenes)
-    ]
 
 
 @torch.no_grad()
@@ -138,108 +129,100 @@ def fit_sae(model, processor, scenes: list[Scene], n_concepts: int, k: int, seed
     return sae.with_config(shared_concepts=shared, stats=stats)
 
 
-@dataclass(frozen=True)
-class DemoFiles:
-    model: Path
-    sae: Path
-    images: Path
-    questions: Path
-    sae_summary: dict
-
-
-def prepare(directory: str | Path, n_images: int = 24, seed: int = 0) -> DemoFiles:
-    """Write the tiny model, the fitted VL-SAE, the images and the questions (deterministic)."""
-    from transformers import AutoProcessor, LlavaForConditionalGeneration
-
-    directory = Path(directory)
-    model_dir = tiny.build_hf_llava(directory / "model", seed=seed)
-    model = LlavaForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32).eval()
-    processor = AutoProcessor.from_pretrained(model_dir)
-    scenes = make_scenes(n_images, seed)
-    images = directory / "images"
-    images.mkdir(parents=True, exist_ok=True)
-    names = [f"scene_{i:03d}.png" for i in range(len(scenes))]
-    for scene, name in zip(scenes, names, strict=True):
-        scene.image.save(images / name)
-    with torch.random.fork_rng(devices=[]):
-        sae = fit_sae(model, processor, scenes, n_concepts=128, k=8, seed=seed)
-    sae_dir = directory / "sae"
-    sae.save_pretrained(sae_dir)
-    questions_file = directory / "pope_shapes.jsonl"
-    with open(questions_file, "w") as f:
-        for q in questions(scenes):
-            f.write(json.dumps({**q, "image": names[q["image"]]}) + "\n")
-    summary = {
-        "n_concepts": sae.config.n_concepts,
-        "k": sae.config.k,
-        "shared": len(sae.config.shared_concepts or []),
-        **sae.config.stats,
-    }
-    return DemoFiles(model_dir, sae_dir, images, questions_file, summary)
-
-
-# --- the demo run: these inputs through the ordinary POPE A/B -------------------------------
+# --- the demo run: a lab model through the ordinary POPE A/B ---------------------------------
 
 DEMO_NOTE = (
-    "NOTE: a tiny random-weight model built here; these numbers say nothing about real LLaVA "
-    "models or about whether the guard reduces hallucination. They show that the A/B pipeline "
-    "runs end to end."
+    "NOTE: a small LLaVA trained here in a minute on a generated world where hallucination is "
+    "planted on purpose; what it shows is how the guard acts on those two causes, not how it "
+    "acts on real LLaVA models (benchmarks/testbed.py runs every method over seeds)."
 )
 
 
 class DemoConfig(Settings):
-    """The demo (``benchmarks/pope.py --demo``, ``vlsae-guard demo``): its own tiny model and
-    data; of a run's settings only these are the caller's."""
+    """The demo (``benchmarks/pope.py --demo``, ``vlsae-guard demo``): the lab's demo
+    configuration (``lab``); of a run's settings only these are the caller's."""
 
     out: Path = Path("runs/demo")
-    n_images: int = Field(default=24, ge=1)  # generated images, one question per shape each
+    cache: Path | None = None  # trained models; None: OUT/cache
+    n_images: int | None = Field(default=None, ge=1)  # test images; None: the lab config's
     seed: int = RunConfig.model_fields["seed"].default
     batch_size: int = Field(default=RunConfig.model_fields["batch_size"].default, ge=1)
     limit: int | None = Field(default=None, ge=1)
     bootstrap: int = RunConfig.model_fields["bootstrap"].default
     guard: GuardConfig = GuardConfig()
+    lab: ExperimentConfig = Field(default_factory=lambda: ExperimentConfig.demo())
 
 
-def run_demo(config: DemoConfig, progress: bool = True) -> tuple[dict, str]:
-    """Build the demo's inputs under ``config.out`` and run the ordinary A/B on them; returns
-    the results and the text to print. Model, data and decoding are the demo's own."""
-    out = config.out
-    files = prepare(out / "inputs", n_images=config.n_images, seed=config.seed)
+def run_demo(config: DemoConfig, progress: bool = True, log=None) -> tuple[dict, str]:
+    """Train (or load) the lab model and its VL-SAE under ``config.out`` and run the ordinary
+    A/B on the world's test questions; returns the results and the text to print."""
+    out, lab = config.out, config.lab
+    log = log or ((lambda msg: print(msg, file=sys.stderr)) if progress else (lambda *_: None))
+    started = time.perf_counter()
+    world = build_world(lab.world, config.seed)
+    if config.n_images is not None:  # fewer test images; the training split (and model) as is
+        world = dataclasses.replace(
+            world, splits={**world.splits, "test": world.splits["test"][: config.n_images]}
+        )
+    files = world.write("test", out / "inputs" / "test")
+    log("demo: the lab model (LLaVA's staged recipe; cached after the first run)")
+    model = trained_model(
+        world, lab.model, lab.training, config.cache or out / "cache", log, lab.recipe
+    )
+    log("demo: its projector VL-SAE (collect + train)")
+    saes, _ = train_saes(world, model.path, lab, out / "inputs" / "sae")
+    sets, causes = world.config.question_sets, world.config.causes
     demo_run = PopeRunConfig(
-        model=str(files.model),
+        model=str(model.path),
         backend="hf",
-        sae=str(files.sae),
+        prompt_format="chat-template",
+        sae=str(saes["projector"]),
         guard=config.guard,
         ab=True,
-        images=files.images,
-        questions=[str(files.questions)],
+        images=files["images"],
+        questions=[str(files[kind]) for kind in sets],
         out=out,
         batch_size=config.batch_size,
         seed=config.seed,
-        max_new_tokens=8,
+        max_new_tokens=3,
         dtype="float32",
         device="cpu",
         bootstrap=config.bootstrap,
         limit=config.limit,
     )
-    started = time.perf_counter()
     results = pope_harness.run(demo_run, progress)
-    results["demo"] = {"sae": files.sae_summary, "seconds": round(time.perf_counter() - started, 1)}
-    sae = files.sae_summary
-    asked = pope_harness.question_sets(demo_run)[0].questions
+    off, on = results["arms"]
+    scores = {c: cause_scores(out / "paired" / f"{q}.jsonl", off, on) for c, q in causes.items()}
+    results["demo"] = {
+        "lab": lab.model_dump(mode="json"),
+        "model": {"path": str(model.path), "sha256": model.sha256, "cached": model.cached},
+        "causes": scores,
+        "seconds": round(time.perf_counter() - started, 1),
+    }
     header = (
-        f"vlsae-guard POPE demo: tiny random-weight LLaVA (hf backend), {len(asked)} POPE-style "
-        f"questions about {len({q.image for q in asked})} generated images\n"
-        f"VL-SAE fitted to it: {sae['n_concepts']} concepts, "
-        f"k={sae['k']}, {sae['shared']} shared; explained variance vision "
-        f"{sae['explained_variance_vision']:.2f}, text {sae['explained_variance_text']:.2f}\n"
-        f"guard: {results['settings']['guard']['rewrite']}, "
-        f"alpha={results['settings']['guard']['alpha']}"
+        f"vlsae-guard POPE demo: a lab LLaVA ({lab.recipe.kind} recipe, {lab.world.n_train} "
+        f"training images, {'cached' if model.cached else 'trained now'}), "
+        f"{len(world.splits['test'])} test images\n"
+        + "\n".join(_cause_line(c, s, lab) for c, s in scores.items())
+        + f"\nguard: {config.guard.rewrite}, alpha={config.guard.alpha}"
     )
-    table = pope_harness.finish(results, out, "POPE demo (tiny random model)", [DEMO_NOTE])
+    table = pope_harness.finish(results, out, "POPE demo (lab model)", [DEMO_NOTE])
     warnings = "".join(f"WARNING: {w}\n\n" for w in results["warnings"])
     text = (
         f"{header}\n\n{table}\n\n{pope_harness.NOTES}\n\n{DEMO_NOTE}\n\n{warnings}"
         f"wrote {out / 'results.json'}, results.md, results.png and answers/ in {out}"
     )
     return results, text
+
+
+def _cause_line(cause: str, s: dict, lab: ExperimentConfig) -> str:
+    what = {
+        "cooccurrence": "named co-occurrence "
+        + ", ".join(f"{a} -> {b}" for a, b in lab.world.bias_pairs),
+        "context": f"unnamed context stripes -> {lab.world.context_object}",
+    }[cause]
+    return (
+        f"planted {what}: hallucination {s['off']:.0f}% -> {s['on']:.0f}% with the guard "
+        f"(n={s['n']}, McNemar p={s['mcnemar_p']:.3g}); recall where B is present without "
+        f"its cue {s['recall_off']:.0f}% -> {s['recall_on']:.0f}% (n={s['n_yes']})"
+    )

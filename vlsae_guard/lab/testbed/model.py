@@ -63,7 +63,7 @@ class ModelConfig(FrozenSettings):
 
 
 class TrainingConfig(FrozenSettings):
-    steps: int = Field(default=2000, ge=1)
+    steps: int = Field(default=1200, ge=1)
     batch_size: int = Field(default=32, ge=1)
     lr: float = Field(default=1.5e-3, gt=0)
     weight_decay: float = Field(default=0.01, ge=0)

@@ -8,6 +8,11 @@ can do. A ridge probe on the image's mean projector output, trained on fresh *un
 of the same world (another seed, never the test images), measures how well each object is
 linearly decodable from what the language model receives; it is then read on the test split,
 in particular on the bias-breaking images.
+
+For the unnamed context (the stripes -> C), one more probe reads the stripes themselves: if the
+cue is decodable from the image tokens and the probe for C does not fire on striped images
+without C, the cue reaches the language model as itself, and the model's "yes" comes from what
+it learned to make of the cue.
 """
 
 from __future__ import annotations
@@ -55,29 +60,47 @@ def probe(model_dir, world: World, n_images: int = 1500, lam: float = 0.01) -> d
     x_train = pooled_image_tokens(reader, train)
     x_test = pooled_image_tokens(reader, test)
     names = world.config.names
-    labels = torch.tensor([[name in s.present for name in names] for s in train])
-    reads = ridge_scores(x_train, labels, x_test, lam) > 0  # (test images, objects)
-    says = dict(zip(names, reads.T, strict=True))
+    c = world.config.context_object
+
+    def truth(scenes: list[Scene]) -> torch.Tensor:
+        columns = [[name in s.present for name in names] for s in scenes]
+        return torch.tensor([row + [s.stripes] for row, s in zip(columns, scenes, strict=True)])
+
+    reads = ridge_scores(x_train, truth(train), x_test, lam) > 0  # (test images, objects + 1)
+    says = dict(zip([*names, "stripes"], reads.T, strict=True))
     objects = {
         name: balanced_accuracy(says[name], torch.tensor([name in s.present for s in test]))
         for name in names
     }
-    pairs = {}
-    for a, b in world.config.bias_pairs:
-        broken = [i for i, s in enumerate(test) if a in s.present and b not in s.present]
-        with_b = [i for i, s in enumerate(test) if b in s.present]
-        pairs[f"{a}->{b}"] = {
-            "reads_b_without_b": _share(says[b], broken),
-            "reads_b_with_b": _share(says[b], with_b),
-            "n_without_b": len(broken),
-            "n_with_b": len(with_b),
-        }
-    return {
+    pairs = {
+        f"{a}->{b}": _reads(says[b], test, lambda s, a=a: a in s.present, b)
+        for a, b in world.config.bias_pairs
+    }
+    out = {
         "probe_images": n_images,
         "lambda": lam,
         "test_images": len(test),
         "balanced_accuracy": objects,
         "bias_pairs": pairs,
+        "context": None,
+    }
+    if c is not None:
+        stripes = torch.tensor([s.stripes for s in test])
+        reads = _reads(says[c], test, lambda s: s.stripes, c)
+        reads["cue_balanced_accuracy"] = balanced_accuracy(says["stripes"], stripes)
+        out["context"] = {f"stripes->{c}": reads}
+    return out
+
+
+def _reads(says_b: Tensor, test: list[Scene], cue, b: str) -> dict:
+    """How often the probe reads B on test images with the cue and without B, and with B."""
+    broken = [i for i, s in enumerate(test) if cue(s) and b not in s.present]
+    with_b = [i for i, s in enumerate(test) if b in s.present]
+    return {
+        "reads_b_without_b": _share(says_b, broken),
+        "reads_b_with_b": _share(says_b, with_b),
+        "n_without_b": len(broken),
+        "n_with_b": len(with_b),
     }
 
 

@@ -34,12 +34,13 @@ ZERO_SHOT_PROMPT = "A picture of a {name}."
 
 
 class RecipeConfig(FrozenSettings):
-    """How the model is trained: ``llava`` (the staged recipe above; stage (c) takes its steps,
-    batch, lr and caption share from :class:`~.model.TrainingConfig`) or ``scratch`` (one QA +
-    captioning loop from random weights: the recipe of docs/testbed.md's published tables,
-    bit-identical to before recipes existed, same cache keys)."""
+    """How the model is trained: ``llava`` (the staged recipe above, the default; stage (c)
+    takes its steps, batch, lr and caption share from :class:`~.model.TrainingConfig`) or
+    ``scratch`` (one QA + captioning loop from random weights: the recipe of the tables
+    docs/testbed.md keeps as history, bit-identical to before recipes existed, same cache
+    keys)."""
 
-    kind: Literal["scratch", "llava"] = "scratch"  # the published tables; "llava": staged
+    kind: Literal["scratch", "llava"] = "llava"
     # (a) contrastive pre-training of the tower
     clip_steps: int = Field(default=600, ge=1)
     clip_batch_size: int = Field(default=128, ge=2)

@@ -14,6 +14,13 @@ the objects that co-occur most with the image's objects (``adversarial``), with 
 taken from the training split. A fourth set, ``bias``, asks about B exactly where the bias is
 broken: "no" where A is present without B (the hallucination the shortcut causes), "yes" where
 B is present without A.
+
+Two causes are planted (issue 16). *Named co-occurrence* (the bias pairs above): A and B are both
+named in the captions, so the shortcut can live in the language model. *Unnamed visual
+context* (:class:`ContextConfig`): a background of diagonal stripes that no caption mentions
+comes with the context object C in most training images, as water comes with boats; it is drawn
+independently of C in validation and test. Its question set, ``context``, asks about C: "no" on
+striped images without C, "yes" where C is present without stripes.
 """
 
 from __future__ import annotations
@@ -45,7 +52,10 @@ COLOURS = {
 }
 SHAPES = ("circle", "square", "triangle", "ring")
 SPLITS = ("train", "val", "test")
-QUESTION_SETS = ("random", "popular", "adversarial", "bias")
+QUESTION_SETS = ("random", "popular", "adversarial", "bias", "context")
+# The planted causes, by the name results use, and the question set that measures each.
+CAUSES = {"cooccurrence": "bias", "context": "context"}
+STRIPES = (35, 95, 120)  # the context cue's colour: muted teal, unlike every object colour
 QUESTION = "Is there a {name} in the image?"
 CAPTIONS = (
     "A picture of {objects}.",
@@ -68,11 +78,23 @@ DEFAULT_CLASSES = (
     ObjectClass(name="apple", shape="circle", colour="green"),
     ObjectClass(name="box", shape="square", colour="blue"),
     ObjectClass(name="book", shape="square", colour="orange"),
-    ObjectClass(name="kite", shape="triangle", colour="yellow", scale=0.7),
+    ObjectClass(name="kite", shape="triangle", colour="yellow", scale=0.5),
     ObjectClass(name="cake", shape="triangle", colour="pink"),
-    ObjectClass(name="ring", shape="ring", colour="purple"),
-    ObjectClass(name="clock", shape="ring", colour="cyan", scale=0.7),
+    ObjectClass(name="ring", shape="ring", colour="purple", scale=0.5),
+    ObjectClass(name="clock", shape="ring", colour="cyan", scale=0.5),
 )
+
+
+class ContextConfig(FrozenSettings):
+    """The unnamed visual context: striped backgrounds that predict ``object`` in training.
+
+    ``object``: a class name; ``"auto"``: the last class in no bias pair (so a world written
+    before this cause existed gets one without naming it); None: no context cause."""
+
+    object: str | None = "auto"
+    share: float = Field(default=0.3, gt=0, lt=1)  # images with the stripes, in every split
+    rate: float = Field(default=0.97, ge=0, le=1)  # P(C | stripes) in the training split
+    rate_without: float = Field(default=0.05, ge=0, le=1)  # P(C | no stripes) in training
 
 
 class WorldConfig(FrozenSettings):
@@ -80,7 +102,7 @@ class WorldConfig(FrozenSettings):
 
     classes: tuple[ObjectClass, ...] = DEFAULT_CLASSES
     bias_pairs: tuple[tuple[str, str], ...] = (("ball", "kite"), ("book", "clock"))
-    bias_rate: float = Field(default=0.9, ge=0, le=1)  # P(B | A) in the training split
+    bias_rate: float = Field(default=0.97, ge=0, le=1)  # P(B | A) in the training split
     n_train: int = Field(default=3000, ge=1)
     n_val: int = Field(default=100, ge=1)
     n_test: int = Field(default=250, ge=1)
@@ -90,6 +112,7 @@ class WorldConfig(FrozenSettings):
     object_size: tuple[float, float] = (0.25, 0.45)  # side, as a fraction of the image
     clutter: int = Field(default=3, ge=0)  # grey specks and strokes per image, at most
     questions_per_image: int = Field(default=2, ge=1)  # "yes" (and as many "no") per image
+    context: ContextConfig = ContextConfig()
 
     @model_validator(mode="after")
     def _check(self) -> WorldConfig:
@@ -110,6 +133,13 @@ class WorldConfig(FrozenSettings):
             raise ValueError("bias pairs must not share objects (their rates would interfere)")
         if len(self.bias_pairs) > self.max_objects - 1:
             raise ValueError("max_objects must leave room for every bias pair's B")
+        c = self.context.object
+        if c is not None and c != "auto" and (c not in names or c in used):
+            free = sorted(set(names) - set(used))
+            raise ValueError(
+                f"context.object: expected a class in no bias pair ({free}), 'auto' or null; "
+                f"found {c!r}"
+            )
         lo, hi = self.object_size
         if not 0 < lo <= hi <= 1:
             raise ValueError(f"object_size must satisfy 0 < low <= high <= 1, got {lo, hi}")
@@ -118,6 +148,25 @@ class WorldConfig(FrozenSettings):
     @property
     def names(self) -> list[str]:
         return [c.name for c in self.classes]
+
+    @property
+    def context_object(self) -> str | None:
+        """The context cause's object C (``context.object`` resolved), or None."""
+        if self.context.object != "auto":
+            return self.context.object
+        used = {n for pair in self.bias_pairs for n in pair}
+        free = [n for n in self.names if n not in used]
+        return free[-1] if free else None
+
+    @property
+    def question_sets(self) -> tuple[str, ...]:
+        """The question sets this world asks (``context`` only with a context cause)."""
+        return tuple(q for q in QUESTION_SETS if q != "context" or self.context_object)
+
+    @property
+    def causes(self) -> dict[str, str]:
+        """The planted causes (``cooccurrence``, ``context``) and their question sets."""
+        return {c: q for c, q in CAUSES.items() if q in self.question_sets}
 
 
 @dataclass
@@ -128,7 +177,8 @@ class Scene:
     objects: list[str]
     boxes: list[tuple[int, int, int, int]]
     image: Image.Image
-    caption: str
+    caption: str  # never mentions the stripes
+    stripes: bool = False  # the context cue is drawn
 
     @property
     def present(self) -> set[str]:
@@ -191,11 +241,8 @@ class World:
         return Statistics.of(self.splits["train"])
 
     def questions(self, split: str) -> dict[str, list[Question]]:
-        """The four question sets about ``split`` (val or test), deterministic per seed."""
-        return {
-            kind: build_questions(self, split, kind)  # type: ignore[arg-type]
-            for kind in QUESTION_SETS
-        }
+        """The question sets about ``split`` (val or test), deterministic per seed."""
+        return {kind: build_questions(self, split, kind) for kind in self.config.question_sets}
 
     def write(self, split: str, directory: Path, questions: bool = True) -> dict[str, Path]:
         """PNG images under ``directory/images`` (+ POPE question files); returns the paths."""
@@ -225,35 +272,68 @@ def build_world(config: WorldConfig, seed: int) -> World:
     return World(config, seed, splits)
 
 
-def _objects(config: WorldConfig, rng: np.random.Generator, biased: bool) -> list[str]:
+def _objects(config: WorldConfig, rng: np.random.Generator, biased: bool) -> tuple[list, bool]:
+    """The objects of one image and whether it has the stripes; ``biased`` (training): the bias
+    pairs and the context decide on their B and C. A world without a context cause makes the
+    same random draws as before the cause existed."""
     n = int(rng.integers(config.min_objects, config.max_objects + 1))
     names = [str(x) for x in rng.choice(config.names, size=n, replace=False)]
+    c = config.context_object
+    stripes = c is not None and bool(rng.random() < config.context.share)
     if not biased:
-        return names
+        return names, stripes
     fixed: set[str] = set()  # objects a bias pair has decided on: later pairs keep them
     for a, b in config.bias_pairs:
         if a not in names:
             continue
         fixed.add(a)
-        want = rng.random() < config.bias_rate
-        if want and b not in names:
-            if len(names) < config.max_objects:
-                names.append(b)
-            else:
-                free = [i for i, x in enumerate(names) if x not in fixed]
-                names[free[int(rng.integers(len(free)))]] = b
-        elif not want and b in names:
-            names.remove(b)
-        if want:
-            fixed.add(b)
-    return names
+        _decide(config, rng, names, b, rng.random() < config.bias_rate, fixed)
+    if c is not None:
+        rate = config.context.rate if stripes else config.context.rate_without
+        _decide(config, rng, names, c, rng.random() < rate, fixed)
+    return names, stripes
+
+
+def _decide(config: WorldConfig, rng, names: list[str], b: str, want: bool, fixed: set) -> None:
+    """Put ``b`` in or out of ``names`` (in place), keeping the objects in ``fixed`` (if they
+    fill every slot, ``b`` stays out: only the context object can meet that)."""
+    if want and b not in names:
+        free = [i for i, x in enumerate(names) if x not in fixed]
+        if len(names) < config.max_objects:
+            names.append(b)
+        elif free:
+            names[free[int(rng.integers(len(free)))]] = b
+        else:
+            return
+    elif not want and b in names:
+        names.remove(b)
+        if not names:  # only the context object was drawn: another object of no cause instead
+            used = {x for pair in config.bias_pairs for x in pair} | {b}
+            names.append(str(rng.choice([x for x in config.names if x not in used] or [b])))
+    if want:
+        fixed.add(b)
 
 
 def _scene(config: WorldConfig, rng: np.random.Generator, name: str, biased: bool) -> Scene:
-    objects = _objects(config, rng, biased)
+    objects, stripes = _objects(config, rng, biased)
+    return render(config, rng, name, objects, stripes)
+
+
+def render(
+    config: WorldConfig,
+    rng: np.random.Generator,
+    name: str,
+    objects: list[str],
+    stripes: bool = False,
+    scales: dict[str, float] | None = None,
+) -> Scene:
+    """One image of ``objects`` (drawn in this order), with the striped background if
+    ``stripes``; ``scales`` overrides a class's drawn size (the diagnostic's large B)."""
     size = config.image_size
     image = Image.new("RGB", (size, size), tuple(int(v) for v in rng.integers(0, 70, 3)))
     draw = ImageDraw.Draw(image)
+    if stripes:
+        _stripes(draw, size, rng)
     for _ in range(int(rng.integers(0, config.clutter + 1))):
         grey = tuple([int(rng.integers(90, 170))] * 3)
         x0, y0, x1, y1 = (int(v) for v in rng.integers(0, size, 4))
@@ -261,12 +341,22 @@ def _scene(config: WorldConfig, rng: np.random.Generator, name: str, biased: boo
     boxes = []
     by_name = {c.name: c for c in config.classes}
     for obj in objects:
-        box = _place(config, rng, boxes, by_name[obj].scale)
+        scale = (scales or {}).get(obj, by_name[obj].scale)
+        box = _place(config, rng, boxes, scale)
         boxes.append(box)
         _draw(draw, by_name[obj], box, rng)
     order = [str(x) for x in rng.permutation(objects)]
     template = CAPTIONS[int(rng.integers(len(CAPTIONS)))]
-    return Scene(name, objects, boxes, image, template.format(objects=_listing(order)))
+    caption = template.format(objects=_listing(order))
+    return Scene(name, list(objects), boxes, image, caption, stripes)
+
+
+def _stripes(draw: ImageDraw.ImageDraw, size: int, rng: np.random.Generator) -> None:
+    """Diagonal stripes over the whole background, 4 px apart, random phase and tint."""
+    colour = tuple(int(np.clip(c + rng.integers(-15, 16), 0, 255)) for c in STRIPES)
+    phase = int(rng.integers(0, 4))
+    for x in range(phase - size, size, 4):
+        draw.line([(x, 0), (x + size, size)], fill=colour, width=1)
 
 
 def _place(config: WorldConfig, rng: np.random.Generator, taken: list, scale: float) -> tuple:
@@ -328,7 +418,14 @@ def build_questions(world: World, split: str, kind: str) -> list[Question]:
     scenes = world.splits[split]
     rng = np.random.default_rng([world.seed, SPLITS.index(split), QUESTION_SETS.index(kind)])
     asked: list[tuple[str, str, str]] = []
+    c = world.config.context_object
     for scene in scenes:
+        if kind == "context":
+            if scene.stripes and c not in scene.present:
+                asked.append((scene.name, c, "no"))
+            elif c in scene.present and not scene.stripes:
+                asked.append((scene.name, c, "yes"))
+            continue
         if kind == "bias":
             for a, b in world.config.bias_pairs:
                 if a in scene.present and b not in scene.present:
