@@ -42,7 +42,7 @@ def scenes(world: World, cue: str, b: str, condition: str, n: int, rng) -> list:
     """``n`` images for one condition: 1-2 objects that belong to no cause, plus the cue and B
     as the condition says."""
     config = world.config
-    planted = {x for p in config.bias_pairs for x in p} | {config.context_object}
+    planted = config.paired | {config.context_object}
     neutral = [x for x in config.names if x not in planted]
     out = []
     for i in range(n):

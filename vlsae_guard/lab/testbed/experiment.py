@@ -70,7 +70,7 @@ class ExperimentConfig(FrozenSettings):
 
     @classmethod
     def fast(cls) -> ExperimentConfig:
-        """A tiny configuration (tests, demo): seconds, and numbers that mean little."""
+        """A tiny configuration (tests, smoke runs): seconds, and numbers that mean little."""
         return cls(
             world=WorldConfig(n_train=96, n_val=12, n_test=16),
             model=ModelConfig(

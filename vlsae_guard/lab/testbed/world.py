@@ -150,12 +150,17 @@ class WorldConfig(FrozenSettings):
         return [c.name for c in self.classes]
 
     @property
+    def paired(self) -> set[str]:
+        """The objects of the bias pairs (A and B of each)."""
+        return {n for pair in self.bias_pairs for n in pair}
+
+    @property
     def context_object(self) -> str | None:
-        """The context cause's object C (``context.object`` resolved), or None."""
+        """The context cause's object C (``context.object`` resolved; ``"auto"`` with every
+        class in a bias pair: no context cause), or None."""
         if self.context.object != "auto":
             return self.context.object
-        used = {n for pair in self.bias_pairs for n in pair}
-        free = [n for n in self.names if n not in used]
+        free = [n for n in self.names if n not in self.paired]
         return free[-1] if free else None
 
     @property
@@ -308,8 +313,8 @@ def _decide(config: WorldConfig, rng, names: list[str], b: str, want: bool, fixe
     elif not want and b in names:
         names.remove(b)
         if not names:  # only the context object was drawn: another object of no cause instead
-            used = {x for pair in config.bias_pairs for x in pair} | {b}
-            names.append(str(rng.choice([x for x in config.names if x not in used] or [b])))
+            others = [x for x in config.names if x not in config.paired | {b}]
+            names.append(str(rng.choice(others or [b])))
     if want:
         fixed.add(b)
 
