@@ -501,3 +501,36 @@ def test_testbed_plant_reads_the_validation_split(fast_run, tmp_path, capsys):
     assert {r["cause"] for r in seed["diagnostic"]} == {"cooccurrence", "context"}
     assert "| 0 |" in capsys.readouterr().out
     assert bench.main(["--config", str(tmp_path / "missing.json")]) == 2
+
+
+def test_a_world_the_lab_never_saw_runs_end_to_end(tmp_path):
+    """Held-out worlds go through the same code: other classes, one bias pair, no context cause
+    (its set, its summary rows and its diagnostic row are absent, not empty)."""
+    from vlsae_guard.lab.testbed.world import ObjectClass
+
+    classes = tuple(
+        ObjectClass(name=n, shape=sh, colour=co)
+        for n, sh, co in [
+            ("ball", "circle", "red"), ("box", "square", "blue"), ("kite", "triangle", "yellow"),
+            ("cake", "triangle", "pink"), ("ring", "ring", "purple"),
+        ]
+    )  # fmt: skip
+    fast = experiment.ExperimentConfig.fast()
+    world = fast.world.model_copy(
+        update={
+            "classes": classes,
+            "bias_pairs": (("ball", "kite"),),
+            "max_objects": 3,
+            "context": ContextConfig(object=None),
+        }
+    )
+    config = fast.model_copy(update={"world": WorldConfig.model_validate(world.model_dump())})
+    results = experiment.run(config, [1], tmp_path / "out", tmp_path / "cache", log=lambda *_: None)
+    (seed,) = results["per_seed"]
+    assert {r["cause"] for r in results["summary"]} == {"cooccurrence"}
+    assert [r["cause"] for r in seed["diagnostic"]] == ["cooccurrence"]
+    assert seed["probe"]["context"] is None
+    assert all(
+        set(run["splits"]) == set(config.world.question_sets) for run in seed["test"].values()
+    )
+    assert "no unnamed context cause" in pooling.report(results)

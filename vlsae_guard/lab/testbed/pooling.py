@@ -222,6 +222,10 @@ def probe_lines(seeds: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _context(c: str | None) -> str:
+    return f"unnamed context: stripes -> {c}" if c else "no unnamed context cause"
+
+
 def _rates(seeds: list[dict], split: str) -> str:
     return "; ".join(
         f"seed {s['seed']}: "
@@ -251,8 +255,8 @@ def report(results: dict) -> str:
             "# CPU hallucination lab: every method against none (test split)",
             "",
             f"Seeds {results['seeds']}; {world['n_train']} training images; named co-occurrence "
-            f"{[tuple(p) for p in world['bias_pairs']]} at rate {world['bias_rate']}; unnamed "
-            f"context: stripes -> {seeds[0]['world']['context_object']} (measured in train: "
+            f"{[tuple(p) for p in world['bias_pairs']]} at rate {world['bias_rate']}; "
+            f"{_context(seeds[0]['world']['context_object'])} (measured in train: "
             f"{_rates(seeds, 'train')}; in test: {_rates(seeds, 'test')}); "
             f"{world['n_val']} validation and {world['n_test']} test images, "
             f"{world['image_size']} px. Model: {config['recipe']['kind']} recipe, "
