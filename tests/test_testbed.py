@@ -534,3 +534,41 @@ def test_a_world_the_lab_never_saw_runs_end_to_end(tmp_path):
         set(run["splits"]) == set(config.world.question_sets) for run in seed["test"].values()
     )
     assert "no unnamed context cause" in pooling.report(results)
+
+
+def test_auc_and_paired_concepts_on_planted_codes():
+    from vlsae_guard.lab.testbed.evidence import auc, paired_concepts
+    from vlsae_guard.lab.testbed.world import Scene
+
+    assert auc([3.0, 4.0], [1.0, 2.0]) == 1.0 and auc([1.0], [2.0]) == 0.0
+    assert auc([1.0, 1.0], [1.0]) == 0.5 and auc([], [1.0]) is None
+    g = torch.Generator().manual_seed(0)
+    scenes, codes = [], []
+    for i in range(40):
+        has = i % 3 == 0
+        code = torch.rand(4, 10, generator=g) * 0.1
+        code[:, 7] += 1.0 if has else 0.0  # concept 7 fires on the object's images
+        scenes.append(Scene(f"{i}.png", ["kite"] if has else ["ball"], [], None, ""))
+        codes.append(code)
+    mask = paired_concepts(codes, scenes, "kite", top=1)
+    assert mask.nonzero().flatten().tolist() == [7]
+    assert not paired_concepts(codes, scenes, "ring", top=1).any()  # never named: none
+
+
+def test_testbed_evidence_on_the_fast_run(fast_run, capsys):
+    """benchmarks/testbed_evidence.py reads a finished run: one row per seed and cause."""
+    root, results = fast_run
+    spec = importlib.util.spec_from_file_location("ev", ROOT / "benchmarks/testbed_evidence.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.main(["--run", str(root / "out")]) == 0
+    saved = json.loads((root / "out" / "evidence.json").read_text())
+    (seed,) = saved["seeds"]
+    assert [r["cause"] for r in seed["causes"]] == ["cooccurrence", "cooccurrence", "context"]
+    for row in seed["causes"]:
+        assert row["shared_concepts"] > 0 and row["paired_concepts"] <= saved["top"]
+        for route in ("shared", "paired"):
+            assert 0 <= row[f"{route}_fires"] <= 1
+            assert row[f"{route}_auc"] is None or 0 <= row[f"{route}_auc"] <= 1
+    assert "| 0 | context | stripes -> ring |" in capsys.readouterr().out
+    assert bench.main(["--run", str(root / "missing")]) == 2
