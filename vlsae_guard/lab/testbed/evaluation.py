@@ -59,7 +59,7 @@ class Variant(FrozenSettings):
 class Peer(FrozenSettings):
     """A method of the fused-decoding engine and the settings validation chooses among."""
 
-    method: Literal["vcd", "m3id", "pai", "dola"]
+    method: Literal[PEER_METHODS]
     grid: tuple[dict[str, Any], ...] = Field(min_length=1)
 
     @model_validator(mode="after")
