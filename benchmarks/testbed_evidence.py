@@ -20,9 +20,8 @@ import torch
 
 from vlsae_guard import outputs, provenance
 from vlsae_guard.cli import bench_flags
-from vlsae_guard.harness import common
 from vlsae_guard.lab.testbed.evidence import evidence
-from vlsae_guard.lab.testbed.world import WorldConfig, build_world
+from vlsae_guard.lab.testbed.experiment import finished_run
 
 
 def parser() -> argparse.ArgumentParser:
@@ -39,16 +38,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
 
     def body() -> int:
-        path = args.run / "results.json"
-        if not path.is_file():
-            raise common.BenchmarkError(f"{path}: no results; run benchmarks/testbed.py first")
-        run = json.loads(path.read_text())
+        run, per_seed = finished_run(args.run)
         torch.set_num_threads(args.threads)
-        config = WorldConfig(**run["config"]["world"])
         pairs = run["config"]["sae"]["pairs"]
         seeds = []
-        for seed, record in zip(run["seeds"], run["per_seed"], strict=True):
-            world = build_world(config, seed)
+        for seed, record, world in per_seed:
             sae = record["sae"]["projector"]["path"]
             rows = evidence(record["model"]["path"], sae, world, pairs, args.top)
             seeds.append({"seed": seed, "model_sha256": record["model"]["sha256"], "causes": rows})

@@ -18,9 +18,8 @@ import torch
 
 from vlsae_guard import outputs, provenance
 from vlsae_guard.cli import bench_flags
-from vlsae_guard.harness import common
+from vlsae_guard.lab.testbed.experiment import finished_run
 from vlsae_guard.lab.testbed.probe import probe
-from vlsae_guard.lab.testbed.world import WorldConfig, build_world
 
 
 def parser() -> argparse.ArgumentParser:
@@ -38,15 +37,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
 
     def body() -> int:
-        path = args.run / "results.json"
-        if not path.is_file():
-            raise common.BenchmarkError(f"{path}: no results; run benchmarks/testbed.py first")
-        run = json.loads(path.read_text())
+        _, per_seed = finished_run(args.run)
         torch.set_num_threads(args.threads)
-        config = WorldConfig(**run["config"]["world"])
         seeds = []
-        for seed, record in zip(run["seeds"], run["per_seed"], strict=True):
-            world = build_world(config, seed)
+        for seed, record, world in per_seed:
             result = probe(record["model"]["path"], world, args.images, args.lam)
             # (results before the lab: one cause, recorded as "hallucination")
             off = [

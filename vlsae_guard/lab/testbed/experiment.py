@@ -22,6 +22,7 @@ import torch
 from pydantic import Field
 
 from ... import provenance
+from ...harness.common import BenchmarkError
 from ...pipeline.collect import CollectConfig, collect
 from ...pipeline.pairs import JsonlData
 from ...pipeline.train import AlignConfig, TrainConfig, train
@@ -304,3 +305,19 @@ def run(
         "seconds": round(time.perf_counter() - started, 1),
         "environment": provenance.environment(),
     }
+
+
+def finished_run(directory: Path) -> tuple[dict, list[tuple[int, dict, World]]]:
+    """A finished run of :func:`run` under ``directory`` (``benchmarks/testbed.py --out``): its
+    results, and per seed (seed, per-seed record, the world rebuilt), for the scripts that
+    read a run's models again (``testbed_probe.py``, ``testbed_evidence.py``)."""
+    path = Path(directory) / "results.json"
+    if not path.is_file():
+        raise BenchmarkError(f"{path}: no results; run benchmarks/testbed.py first")
+    results = json.loads(path.read_text())
+    config = WorldConfig(**results["config"]["world"])
+    seeds = [
+        (seed, record, build_world(config, seed))
+        for seed, record in zip(results["seeds"], results["per_seed"], strict=True)
+    ]
+    return results, seeds

@@ -112,7 +112,7 @@ def summary(per_seed: list[dict], names: list[str]) -> list[dict]:
     """One row per (method, cause) with exactly :data:`SUMMARY_FIELDS` (issue 16): means over
     seeds in percent, ``n`` and ``mcnemar_p`` pooled; ``variant == "selected"`` is the VL-SAE
     variant chosen on validation, per seed (its settings name the variant)."""
-    rows = []
+    rows, none_seconds = [], [s["none_seconds"] for s in per_seed]
     for name in [*names, "selected"]:
         runs = runs_of(per_seed, name)
         settings = [r["settings"] for r in runs]
@@ -120,7 +120,6 @@ def summary(per_seed: list[dict], names: list[str]) -> list[dict]:
             settings = [
                 {"variant": s["selected"], **x} for s, x in zip(per_seed, settings, strict=True)
             ]
-        none_seconds = [s["none_seconds"] for s in per_seed]
         for cause in runs[0]["causes"]:
             scores = [r["causes"][cause] for r in runs]
             random = [r["splits"]["random"] for r in runs]
