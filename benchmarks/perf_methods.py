@@ -45,6 +45,7 @@ from vlsae_guard.lab import tiny
 
 PROMPT = "USER: <image>\nPlease describe this image in detail. ASSISTANT:"
 ENGINE = "engine"  # not a method: plain decoding on the engine, one arm
+NEEDS_OBJECT_MAP = {"cue-mask"}
 GOALS = {"paper": 2.2}  # and 2.1 for every other two-arm method
 
 
@@ -71,7 +72,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=Path("runs/perf_methods.json"))
     args = p.parse_args(argv)
-    args.methods = args.methods or list(methods.METHODS)
+    # cue-mask reads an object map fitted on captioned images, which a random SAE has not; its
+    # cost (one projector hook, as vlsae) is the lab's cost_ratio (docs/testbed.md)
+    args.methods = args.methods or [m for m in methods.METHODS if m not in NEEDS_OBJECT_MAP]
+    if set(args.methods) & NEEDS_OBJECT_MAP:
+        p.error(f"--methods: {', '.join(NEEDS_OBJECT_MAP)} needs an object map; see the lab")
     args.dtype = args.dtype or ("float32" if args.device == "cpu" else "float16")
     args.concepts = args.concepts or 8 * args.text_hidden
     args.layer = args.text_layers // 2 if args.layer is None else args.layer

@@ -69,7 +69,7 @@ def test_flags_and_fields_build_the_same_config(tmp_path):
         ({"ab": True}, "--ab compares none with a method"),
         ({"ab": ("vlsae", "paper"), "sae": "s"}, "one SAE method per run"),
         ({"method": "vlsae"}, "--method vlsae needs --sae DIR"),
-        ({"method": "vcd", "sae": "s"}, "--sae is used by vlsae and paper, not by vcd"),
+        ({"method": "vcd", "sae": "s"}, "--sae is used by vlsae, paper, cue-mask, not by vcd"),
         ({"method": "vcd", "method_settings": {"vcd": {"alpha": -1}}}, "invalid vcd settings"),
         ({"method": "paper", "sae": "s", "guard": GuardConfig()}, "runs the guard in mode"),
         ({"guard": GuardConfig()}, "guard settings (--vlsae-*) need --sae DIR"),

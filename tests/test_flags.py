@@ -114,9 +114,9 @@ PAPER = ["--vlsae-mode", "paper", "--vlsae-layer", "3"]
         ([*PAPER, "--vlsae-beta", "1.5"], "--vlsae-beta: Input should be less than or equal"),
         ([*PAPER, "--vlsae-c-beta", "0"], "--vlsae-c-beta: Input should be greater than 0"),
         ([*PAPER, "--vlsae-c-alpha", "nan"], "--vlsae-c-alpha: "),
-        (["--vlsae-topk-ties", "official"], r"\['topk_ties'\] apply to mode 'paper' only"),
-        (["--vlsae-sae-dtype", "float16"], r"\['sae_dtype'\] apply to mode 'paper' only"),
-        (["--vlsae-exact"], r"\['exact'\] apply to mode 'paper' only"),
+        (["--vlsae-topk-ties", "official"], r"\['topk_ties'\] do not apply to mode 'projector'"),
+        (["--vlsae-sae-dtype", "float16"], r"\['sae_dtype'\] do not apply to mode 'projector'"),
+        (["--vlsae-exact"], r"\['exact'\] do not apply to mode 'projector'"),
     ],
 )
 def test_paper_mode_flags_are_validated_by_guard_config(argv, match):

@@ -109,8 +109,8 @@ def test_dtype_and_shape_preserved(sae):
     "settings, match",
     [
         ({"mode": "paper"}, "needs layer"),
-        ({"layer": 3}, "mode 'paper' only"),
-        ({"mode": "paper", "layer": 1, "steer": {1: 1.0}}, "mode 'projector' only"),
+        ({"layer": 3}, "do not apply to mode 'projector'"),
+        ({"mode": "paper", "layer": 1, "steer": {1: 1.0}}, "do not apply to mode 'paper'"),
         ({"alpha": 1.5}, "less than or equal"),
         ({"steer": {-1: 1.0}}, ">= 0"),
         ({"methd": "edit"}, "Extra inputs"),

@@ -11,7 +11,7 @@ import json
 
 from pydantic import ValidationError
 
-from ..core.intervention import REWRITES, GuardConfig
+from ..core.intervention import GUARD_MODES, REWRITES, GuardConfig
 from ..validation import describe_validation_error
 from .app import field_choices, show_default
 
@@ -27,9 +27,10 @@ def add_guard_flags(parser: argparse.ArgumentParser, prefix: str = "vlsae-") -> 
     )
     group.add_argument(
         f"--{prefix}mode",
-        choices=["projector", "paper"],
+        choices=GUARD_MODES,
         default=None,
-        help="projector (default; --method vlsae) or paper (--method paper)",
+        help="projector (default; --method vlsae), paper (--method paper) or cue-mask "
+        "(--method cue-mask)",
     )
     group.add_argument(
         f"--{prefix}rewrite",
@@ -52,21 +53,25 @@ def add_guard_flags(parser: argparse.ArgumentParser, prefix: str = "vlsae-") -> 
         metavar="JSON",
         help="clamp concepts, e.g. '{\"12\": 1.5}'",
     )
-    for field, help in PAPER_FLAGS.items():
-        if field == "exact":
-            kind = {"action": "store_true"}
-        elif field in PAPER_NUMBERS:
-            kind = {"type": float}
-        else:
-            kind = {"choices": field_choices(GuardConfig, field)}
-        default = GuardConfig.model_fields[field].default
-        shown = "as loaded" if default is None else show_default(default)
-        group.add_argument(
-            f"--{prefix}{field.replace('_', '-')}",
-            default=None,  # unset: GuardConfig's default
-            help=f"paper mode: {help} (default: {shown})",
-            **kind,
-        )
+    for mode, flags in (("paper", PAPER_FLAGS), ("cue-mask", CUE_FLAGS)):
+        for field, help in flags.items():
+            if field == "exact":
+                kind = {"action": "store_true"}
+            elif field in NUMBERS:
+                kind = {"type": float}
+            elif field == "objects":
+                kind = {"metavar": "FILE"}
+            else:
+                kind = {"choices": field_choices(GuardConfig, field)}
+            default = GuardConfig.model_fields[field].default
+            shown = {"objects": "CHECKPOINT/objects.json"}.get(field, "as loaded")
+            shown = shown if default is None else show_default(default)
+            group.add_argument(
+                f"--{prefix}{field.replace('_', '-')}",
+                default=None,  # unset: GuardConfig's default
+                help=f"{mode} mode: {help} (default: {shown})",
+                **kind,
+            )
 
 
 # Paper mode's settings beyond --{prefix}layer: GuardConfig field -> help (its default is added).
@@ -80,8 +85,19 @@ PAPER_FLAGS = {
     "topk_ties": "TopK at a tie on the k-th activation: keep k, or drop the whole tie (fewer "
     "than k) as the official code does",
 }
-PAPER_NUMBERS = ("beta", "c_alpha", "c_beta")
-FIELDS = ("mode", "rewrite", "method", "alpha", "text_grounded", "layer", "steer", *PAPER_FLAGS)
+# Cue masking's settings: GuardConfig field -> help.
+CUE_FLAGS = {
+    "objects": "the object map (vlsae-guard object-map)",
+    "recall_floor": "a cue is in the image where its evidence reaches what this share of "
+    "images holding it reach",
+    "min_conditional": "c is a cue of o where captions name o with c at least this often",
+    "min_lift": "... and at least this many times o's base rate",
+    "token_share": "tokens masked: the cue's evidence above this share of the image's largest",
+}
+NUMBERS = ("beta", "c_alpha", "c_beta", "recall_floor", "min_conditional", "min_lift",
+           "token_share")  # fmt: skip
+FIELDS = ("mode", "rewrite", "method", "alpha", "text_grounded", "layer", "steer", *PAPER_FLAGS,
+          *CUE_FLAGS)  # fmt: skip
 
 
 class GuardFlagsError(ValueError):

@@ -3,7 +3,7 @@
 Every field of a peer method's settings (:data:`vlsae_guard.methods.METHODS`) becomes
 ``--{method}-{field}`` (``VCDSettings.noise_step`` -> ``--vcd-noise-step``), its help ending with
 the model's default, so a method added to the registry gets its flags without a line here. The
-SAE methods (vlsae, paper) keep their ``--vlsae-*`` flags (:mod:`.guard_flags`).
+SAE methods (vlsae, paper, cue-mask) keep their ``--vlsae-*`` flags (:mod:`.guard_flags`).
 """
 
 from __future__ import annotations

@@ -26,8 +26,10 @@ from torch import Tensor, nn
 from ..backends import Backend, Prompt, detect
 from ..decoding import DecodingOptions, SharedBatch, Stream, doubled, fused_generate
 from .checkpoint import CheckpointError, check_compatible, check_module, load
+from .cue_mask import CueMask
 from .fit import DEFAULT_MIN_FIT, GuardFit, GuardFitWarning, measure_fit
 from .intervention import GuardConfig, ProjectorIntervention
+from .object_evidence import ObjectConcepts
 from .paper import FusionProcessor, PaperIntervention, PaperState
 from .sae import SparseAutoencoder
 from .sae_config import Point, layer_site
@@ -58,13 +60,14 @@ class GuardHandle:
         self,
         model: nn.Module,
         backend: Backend,
-        intervention: ProjectorIntervention | PaperIntervention,
+        intervention: ProjectorIntervention | PaperIntervention | CueMask,
         min_fit: float = DEFAULT_MIN_FIT,
         strict: bool = False,
     ):
         self.model = model
         self.backend = backend
         self.intervention = intervention
+        self._config = intervention.config
         self.paper = (
             PaperState(intervention) if isinstance(intervention, PaperIntervention) else None
         )
@@ -76,11 +79,12 @@ class GuardHandle:
         self._undo: list = []
         self._prompt: Prompt | None = None
         self._text_masks: Tensor | None = None
+        self._asked: list[int | None] | None = None  # cue-mask: the object each prompt names
         self._fit_text: Tensor | None = None  # the first prompt's text tokens (text-grounded)
 
     @property
     def config(self) -> GuardConfig:
-        return self.intervention.config
+        return self._config
 
     @property
     def attached(self) -> bool:
@@ -95,6 +99,10 @@ class GuardHandle:
                 hook = layer.register_forward_pre_hook(self._on_layer_input, with_kwargs=True)
             self._undo.append(hook.remove)
             self._undo.append(self.backend.capture_layout(self._on_layout))
+        elif isinstance(self.intervention, CueMask):
+            projector = self.backend.projector()
+            self._undo.append(projector.register_forward_hook(self._on_cue_projector).remove)
+            self._undo.append(self.backend.capture_prompt(self._on_cue_prompt))
         else:
             projector = self.backend.projector()
             self._undo.append(projector.register_forward_hook(self._on_projector).remove)
@@ -110,7 +118,7 @@ class GuardHandle:
     @property
     def method(self) -> str:
         """The inference method's name (:mod:`vlsae_guard.methods`): ``vlsae`` or ``paper``."""
-        return "paper" if self.config.mode == "paper" else "vlsae"
+        return {"paper": "paper", "cue-mask": "cue-mask"}.get(self.config.mode, "vlsae")
 
     @torch.no_grad()
     def generate(self, *args, **kwargs):
@@ -149,6 +157,7 @@ class GuardHandle:
         if _ACTIVE.get(self.model) is self:
             del _ACTIVE[self.model]
         self._prompt = self._text_masks = self._fit_text = None
+        self._asked = None
         if self.paper is not None:
             self.paper.end()
 
@@ -247,14 +256,7 @@ class GuardHandle:
         owners = None
         text_masks = None
         if self.config.text_grounded:
-            if self._prompt is None:
-                raise GuardError(
-                    "text-grounded guarding needs the prompt's input_ids, but the projector ran "
-                    "without them (inputs_embeds-only calls are not supported in this mode)"
-                )
-            rows = output.shape[0] if output.dim() == 3 else 1
-            tokens = output.shape[-2] if output.dim() == 3 else output.shape[0]
-            counts = self.backend.rows_per_sample(self._prompt, rows, tokens)
+            counts, tokens = self._rows_per_sample(output, "text-grounded guarding")
             owners = torch.repeat_interleave(torch.arange(len(counts)), counts)
             owners = owners.repeat_interleave(tokens)
             text_masks = self._text_masks
@@ -265,6 +267,33 @@ class GuardHandle:
         self.stats.image_tokens += output.numel() // output.shape[-1]
         return self.intervention(output, owners, text_masks)
 
+    def _rows_per_sample(self, output: Tensor, what: str) -> tuple[Tensor, int]:
+        """The captured prompt's projector rows per sample, and tokens per row."""
+        if self._prompt is None:
+            raise GuardError(
+                f"{what} needs the prompt's input_ids, but the projector ran without them "
+                "(inputs_embeds-only calls are not supported in this mode)"
+            )
+        rows = output.shape[0] if output.dim() == 3 else 1
+        tokens = output.shape[-2] if output.dim() == 3 else output.shape[0]
+        return self.backend.rows_per_sample(self._prompt, rows, tokens), tokens
+
+    def _on_cue_prompt(self, prompt: Prompt) -> None:
+        if self.enabled:
+            self._prompt = prompt
+            self._asked = self.intervention.prompts.asked(prompt.input_ids, prompt.text_positions())
+
+    def _on_cue_projector(self, module: nn.Module, args, output: Tensor) -> Tensor | None:
+        if not self.enabled:
+            return None
+        counts, _ = self._rows_per_sample(output, "cue masking")
+        asked, self._prompt, self._asked = self._asked, None, None
+        if self.fit is None:
+            self._measure_fit("projector", output, None)
+        self.stats.calls += 1
+        self.stats.image_tokens += output.numel() // output.shape[-1]
+        return self.intervention(output, counts, asked)
+
 
 def guard(
     model: nn.Module,
@@ -273,12 +302,16 @@ def guard(
     *,
     min_fit: float = DEFAULT_MIN_FIT,
     strict: bool = False,
+    tokenizer=None,
     **settings,
 ) -> GuardHandle:
     """Attach ``sae`` to ``model``'s multimodal projector and return the handle.
 
     ``settings`` are :class:`GuardConfig` fields (``rewrite``, ``alpha``, ``text_grounded``,
-    ``shared_concepts``, ``steer``); pass either them or a ``config``.
+    ``shared_concepts``, ``steer``; ``method="vlsae" | "paper" | "cue-mask"`` picks the mode);
+    pass either them or a ``config``. Cue masking (``method="cue-mask"``) reads an object map
+    (``objects=``, default ``objects.json`` in the checkpoint's directory) and the model's
+    ``tokenizer`` (default: loaded from the model's ``name_or_path``).
 
     The first guarded batch measures ``handle.fit`` (:class:`GuardFit`). If the SAE's checkpoint
     names another site, or its vision explained variance is below ``min_fit`` or could not be
@@ -300,6 +333,7 @@ def guard(
             "before guarding it again"
         )
     backend = detect(model)
+    source = None if isinstance(sae, SparseAutoencoder) else os.fspath(sae)
     if isinstance(sae, SparseAutoencoder):
         try:  # a checkpoint on disk is checked when it is loaded; one built here is not
             check_module(sae, f"the {type(sae).__name__} given to guard()")
@@ -315,7 +349,9 @@ def guard(
         sae = copy.deepcopy(sae).to(device=device, dtype=dtype)
     sae.eval()
     try:
-        if config.mode == "paper":
+        if config.mode == "cue-mask":
+            intervention = _cue_mask(model, sae, config, source, tokenizer)
+        elif config.mode == "paper":
             intervention = PaperIntervention(sae, config)
         else:
             intervention = ProjectorIntervention.build(sae, config)
@@ -326,9 +362,33 @@ def guard(
     return handle
 
 
+def _cue_mask(model, sae, config: GuardConfig, source: str | None, tokenizer) -> CueMask:
+    """The object map and the tokenizer, every problem raised before anything attaches."""
+    path = config.objects
+    if path is None:
+        if source is None or not os.path.isdir(source):
+            raise ValueError(
+                "mode 'cue-mask' needs objects=PATH (the object map, objects.json) when the SAE "
+                "is not a checkpoint directory"
+            )
+        path = os.path.join(source, "objects.json")
+    objects = ObjectConcepts.load(path)
+    if tokenizer is None:
+        from transformers import AutoTokenizer
+
+        name = getattr(model, "name_or_path", "") or getattr(model.config, "_name_or_path", "")
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(name)
+        except (OSError, ValueError) as e:
+            raise ValueError(
+                f"mode 'cue-mask' needs the model's tokenizer: pass tokenizer= ({name!r}: {e})"
+            ) from e
+    return CueMask(sae, config, objects, tokenizer)
+
+
 def _check_fits(backend: Backend, sae: SparseAutoencoder, config: GuardConfig) -> None:
     """Every reason this SAE cannot guard this model, raised before anything is attached."""
-    projector = config.mode == "projector"
+    projector = config.mode != "paper"
     try:
         check_compatible(
             sae.config,

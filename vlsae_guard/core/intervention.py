@@ -29,8 +29,11 @@ class GuardConfig(FrozenSettings):
     and within the range its field states.
     """
 
-    mode: Literal["projector", "paper"] = "projector"
-    # Strength; by mode: projector 0.5, paper 0.8 (the paper's POPE setting; 0.7 for CHAIR).
+    # projector: rewrite the image tokens; paper: the VL-SAE paper's layer-L inference;
+    # cue-mask: the asked object's cues masked in the image tokens (:mod:`.cue_mask`).
+    mode: Literal[GUARD_MODES] = "projector"
+    # Strength; by mode: projector 0.5, paper 0.8 (the paper's POPE setting; 0.7 for CHAIR);
+    # cue-mask has none (0).
     alpha: float = Field(ge=0.0, le=1.0)  # filled by _default_alpha when not given
 
     # -- projector mode ---------------------------------------------------------------------
@@ -61,13 +64,29 @@ class GuardConfig(FrozenSettings):
     # so a tie at the boundary drops all its members (fewer than k; frequent in float16).
     topk_ties: TopKTies = "keep-k"
 
+    # -- cue-mask mode ------------------------------------------------------------------------
+    # The object map (``objects.json``, :class:`~vlsae_guard.core.object_evidence.ObjectConcepts`);
+    # None: the one in the SAE checkpoint's directory.
+    objects: str | None = None
+    # A cue counts as in the image where its evidence reaches what this share of held-out images
+    # holding it reach.
+    recall_floor: float = Field(default=0.9, gt=0.0, lt=1.0)
+    # c is a cue of o where captions name o with c this often (P(o | c)) ...
+    min_conditional: float = Field(default=0.8, gt=0.0, le=1.0)
+    # ... and this many times o's base rate.
+    min_lift: float = Field(default=1.5, ge=1.0)
+    # Tokens masked: the cue's token evidence above this share of the image's largest (0: any).
+    token_share: float = Field(default=0.0, ge=0.0, lt=1.0)
+
     @model_validator(mode="before")
     @classmethod
     def _default_alpha(cls, data):
         if isinstance(data, dict):
             data = rename_deprecated_method(data)
+            data = _mode_from_method(data)
             if data.get("alpha") is None:
-                data = {**data, "alpha": 0.8 if data.get("mode") == "paper" else 0.5}
+                default = {"paper": 0.8, "cue-mask": 0.0}.get(data.get("mode"), 0.5)
+                data = {**data, "alpha": default}
         return data
 
     @model_validator(mode="after")
@@ -82,28 +101,54 @@ class GuardConfig(FrozenSettings):
                 f"steer: values must be within +-{MAX_STEER:g} (concept activations), got "
                 f"{dict(list(big.items())[:5])}"
             )
-        if self.mode == "paper":
-            if self.layer is None:
-                raise ValueError("mode 'paper' needs layer=L (the decoder layer to hook)")
-            extra = [n for n in ("text_grounded", "shared_concepts", "steer") if getattr(self, n)]
-            if extra:
-                raise ValueError(f"{extra} apply to mode 'projector' only")
-        else:
-            changed = [n for n in _PAPER_ONLY if n in self.model_fields_set]
-            if changed:
-                raise ValueError(f"{changed} apply to mode 'paper' only")
+        wrong = [n for n in _ONLY[self.mode] if n in self.model_fields_set]
+        if self.mode != "projector":  # given at their defaults (False, None, {}) is fine
+            wrong = [n for n in wrong if n not in _PROJECTOR] + [
+                n for n in _PROJECTOR[1:] if getattr(self, n)
+            ]
+        if self.mode == "cue-mask" and self.alpha:
+            wrong.append("alpha")
+        if wrong:
+            raise ValueError(f"{wrong} do not apply to mode {self.mode!r}")
+        if self.mode == "paper" and self.layer is None:
+            raise ValueError("mode 'paper' needs layer=L (the decoder layer to hook)")
         return self
 
     @property
     def is_identity(self) -> bool:
         """True when the hook would change nothing, so it is skipped (bit-exact outputs)."""
-        return self.alpha == 0.0 and not self.steer
+        return self.mode != "cue-mask" and self.alpha == 0.0 and not self.steer
 
 
-_PAPER_ONLY = (
-    "layer", "point", "beta", "c_alpha", "c_beta", "exact", "sae_dtype", "topk_ties"
-)  # fmt: skip
+GUARD_MODES = ("projector", "paper", "cue-mask")
+_PAPER = ("layer", "point", "beta", "c_alpha", "c_beta", "exact", "sae_dtype", "topk_ties")
+_CUES = ("objects", "recall_floor", "min_conditional", "min_lift", "token_share")
+_PROJECTOR = ("rewrite", "text_grounded", "shared_concepts", "steer")
+_ONLY = {  # the fields a mode refuses when they are given
+    "projector": _PAPER + _CUES,
+    "paper": _PROJECTOR + _CUES,
+    "cue-mask": _PAPER + _PROJECTOR,
+}
 REWRITES = ("replace", "edit")
+# guard(..., method=...): the inference method's name for each guard mode
+METHOD_MODES = {"vlsae": "projector", "paper": "paper", "cue-mask": "cue-mask"}
+
+
+def _mode_from_method(settings: dict) -> dict:
+    """``method="vlsae" | "paper" | "cue-mask"`` (the inference method's name) -> ``mode``."""
+    if settings.get("method") not in METHOD_MODES:
+        if "method" in settings:
+            raise ValueError(
+                f"method {settings['method']!r}: guard() runs {', '.join(METHOD_MODES)} "
+                "(the others attach with vlsae_guard.methods.attach)"
+            )
+        return settings
+    mode = METHOD_MODES[settings["method"]]
+    if settings.get("mode", mode) != mode:
+        method, given = settings["method"], settings["mode"]
+        raise ValueError(f"method {method!r} runs mode {mode!r}, not {given!r}")
+    rest = {k: v for k, v in settings.items() if k != "method"}
+    return {**rest, "mode": mode}
 
 
 def rename_deprecated_method(settings: dict) -> dict:

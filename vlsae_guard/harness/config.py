@@ -57,8 +57,8 @@ class RunConfig(Settings):
     dtype: Literal[DTYPES] = "auto"
     device: str | None = None  # None: cuda if available, else cpu
     prompt_format: Literal[PROMPT_FORMATS] | None = None  # None: the backend's (filled in)
-    sae: str | None = None  # VL-SAE checkpoint (directory or Hub id), for vlsae and paper
-    guard: GuardConfig | None = None  # vlsae / paper settings; None with ``sae``: the defaults
+    sae: str | None = None  # VL-SAE checkpoint (directory or Hub id), for the SAE methods
+    guard: GuardConfig | None = None  # the SAE method's settings; None with ``sae``: defaults
     # The inference method of the run (one arm) or of arm B; None: vlsae (paper with the guard's
     # mode "paper") with ``sae``, else none.
     method: Literal[METHOD_NAMES] | None = None
@@ -157,7 +157,8 @@ class RunConfig(Settings):
             if self.sae is None:  # a server's guard is configured there (serve --sae)
                 self.method = "vlsae" if self.backend == "openai" and self.ab is True else "none"
             else:
-                self.method = "paper" if guard_mode == "paper" else "vlsae"
+                by_mode = {mode: name for name, mode in MODES.items()}
+                self.method = by_mode.get(guard_mode, "vlsae")
         if self.sae is not None and self.guard is None:
             self.guard = GuardConfig(mode=MODES.get(self.method, "projector"))
         arms = self.arms
@@ -174,7 +175,7 @@ class RunConfig(Settings):
         if guarded and self.sae is None and self.backend != "openai":
             raise ValueError(f"--method {guarded[0]} needs --sae DIR (the VL-SAE checkpoint)")
         if self.sae is not None and not guarded:
-            raise ValueError(f"--sae is used by vlsae and paper, not by {' / '.join(arms)}")
+            raise ValueError(f"--sae is used by {', '.join(MODES)}, not by {' / '.join(arms)}")
         if guarded and self.guard is not None and self.guard.mode != MODES[guarded[0]]:
             raise ValueError(
                 f"--method {guarded[0]} runs the guard in mode {MODES[guarded[0]]!r}, but "

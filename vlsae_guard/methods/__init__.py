@@ -1,7 +1,8 @@
 """Inference methods by name: ``attach(method, model, sae=None, **settings) -> handle``.
 
-``none`` is the model as it is; ``vlsae`` the projector guard and ``paper`` the VL-SAE paper's
-layer-L inference (both :func:`vlsae_guard.guard`); ``vcd``, ``m3id`` and ``pai`` the peers that
+``none`` is the model as it is; ``vlsae`` the projector guard, ``paper`` the VL-SAE paper's
+layer-L inference and ``cue-mask`` cue masking against the language prior (all
+:func:`vlsae_guard.guard`); ``vcd``, ``m3id`` and ``pai`` the peers that
 contrast against a counterfactual arm; ``dola`` contrasts the final layer with an early one.
 Every handle generates as ``model.generate`` does and ``remove()`` restores the model. Settings
 are validated, the SAE loaded and checked, before anything is attached. The names are the ones
@@ -43,7 +44,7 @@ class MethodSpec:
     attach: Callable[..., MethodHandle]  # attach(model, settings, sae) -> handle
     arms: int  # forward passes per generated token, relative to plain decoding
     summary: str
-    mode: str | None = None  # GuardConfig.mode of an SAE method (vlsae, paper); None: no SAE
+    mode: str | None = None  # GuardConfig.mode of an SAE method (vlsae, paper, cue-mask)
 
     @property
     def needs_sae(self) -> bool:
@@ -79,6 +80,11 @@ METHODS: dict[str, MethodSpec] = {
             "paper", GuardConfig, _guarded, 2,
             "the VL-SAE paper's inference: text states at layer L shifted, logits fused",
             mode="paper",
+        ),
+        MethodSpec(
+            "cue-mask", GuardConfig, _guarded, 1,
+            "VL-SAE cue masking: the asked object's cues masked in the image tokens",
+            mode="cue-mask",
         ),
         MethodSpec(
             "vcd", VCDSettings, _two_arm(VCDHandle, "vcd"), 2,

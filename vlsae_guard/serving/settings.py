@@ -86,9 +86,11 @@ class ServeSettings(FrozenSettings):
                 "requests (docs/serving.md, 'Methods under vLLM'); use mode 'projector' (the "
                 "default), or paper mode with the transformers backend"
             )
-        if self.guard.text_grounded:
+        dependent = "mode 'cue-mask'" if self.guard.mode == "cue-mask" else None
+        dependent = "text_grounded" if self.guard.text_grounded else dependent
+        if dependent:
             raise ValueError(
-                "text_grounded is not supported under vLLM: its encoder cache keys projector "
+                f"{dependent} is not supported under vLLM: its encoder cache keys projector "
                 "outputs by image, not by prompt, so a prompt-dependent guard would be reused "
                 "for other prompts"
             )

@@ -36,24 +36,35 @@ PEER_METHODS = ("vcd", "m3id", "pai", "dola")
 
 
 class Variant(FrozenSettings):
-    """One way of guarding with the VL-SAE; its alpha is chosen on the validation split."""
+    """One way of guarding with the VL-SAE; its alpha (cue-mask: its ``grid`` of settings) is
+    chosen on the validation split."""
 
     name: str
-    mode: Literal["projector", "paper"] = "projector"
+    mode: Literal["projector", "paper", "cue-mask"] = "projector"
     rewrite: Literal["replace", "edit"] = "replace"
     text_grounded: bool = False
+    grid: tuple[dict[str, Any], ...] = ()  # cue-mask: GuardConfig fields per candidate
 
-    def settings(self, alpha: float) -> dict:
-        """What results record of this variant at ``alpha`` (paper mode has no rewrite)."""
-        if self.mode == "paper":
-            return {"mode": "paper", "alpha": alpha}
-        return {**self.model_dump(exclude={"name"}), "alpha": alpha}
+    @model_validator(mode="after")
+    def _check(self) -> Variant:
+        if (self.mode == "cue-mask") != bool(self.grid):
+            raise ValueError(f"variant {self.name}: a grid is cue-mask's, and cue-mask needs one")
+        for fields in self.grid:
+            GuardConfig(mode="cue-mask", **fields)
+        return self
 
-    def guard(self, alpha: float, layer: int) -> GuardConfig:
-        """This variant's guard settings at ``alpha`` (paper mode at ``layer``)."""
+    def candidates(self, alphas: tuple[float, ...]) -> list[dict]:
+        """The settings validation chooses among (recorded as they are)."""
+        if self.mode == "cue-mask":
+            return [{"mode": "cue-mask", **fields} for fields in self.grid]
         if self.mode == "paper":
-            return GuardConfig(mode="paper", alpha=alpha, layer=layer)
-        return GuardConfig(alpha=alpha, rewrite=self.rewrite, text_grounded=self.text_grounded)
+            return [{"mode": "paper", "alpha": alpha} for alpha in alphas]
+        fields = self.model_dump(exclude={"name", "grid"})
+        return [{**fields, "alpha": alpha} for alpha in alphas]
+
+    def guard(self, settings: dict, layer: int) -> GuardConfig:
+        """This variant's guard at one of its candidate ``settings`` (paper mode at ``layer``)."""
+        return GuardConfig(**settings, **({"layer": layer} if self.mode == "paper" else {}))
 
 
 class Peer(FrozenSettings):
@@ -81,6 +92,13 @@ DEFAULT_VARIANTS = (
     Variant(name="edit", rewrite="edit"),
     Variant(name="replace+text", text_grounded=True),
     Variant(name="paper", mode="paper"),
+    # The map's cue statistics at GuardConfig's defaults; how sure a cue must be, and how much
+    # of it is masked, chosen on validation.
+    Variant(
+        name="cue-mask",
+        mode="cue-mask",
+        grid=tuple({"recall_floor": r, "token_share": t} for r in (0.9, 0.98) for t in (0.0, 0.5)),
+    ),
 )
 # Each method's published default first, then one stronger setting; PAI and DoLa's layers fit
 # the lab's 2-layer language model (PAI's released start layer is 2 of 32).
@@ -130,13 +148,8 @@ def candidates(evaluation: EvalConfig, saes: dict[str, Path], layer: int) -> lis
         sae = str(saes[f"layer:{layer}" if v.mode == "paper" else "projector"])
         out.append(
             [
-                Candidate(
-                    v.name,
-                    "vlsae",
-                    v.settings(alpha),
-                    {"sae": sae, "guard": v.guard(alpha, layer)},
-                )
-                for alpha in evaluation.alphas
+                Candidate(v.name, "vlsae", fields, {"sae": sae, "guard": v.guard(fields, layer)})
+                for fields in v.candidates(evaluation.alphas)
             ]
         )
     for p in evaluation.peers:

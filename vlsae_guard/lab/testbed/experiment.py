@@ -22,8 +22,11 @@ import torch
 from pydantic import Field
 
 from ... import provenance
+from ...backends import load
+from ...concepts.object_map import Labelled, fit_from_images
+from ...core.checkpoint import load as load_sae
 from ...harness.common import BenchmarkError
-from ...pipeline.collect import CollectConfig, collect
+from ...pipeline.collect import CollectConfig, SiteReader, collect
 from ...pipeline.pairs import JsonlData
 from ...pipeline.train import AlignConfig, TrainConfig, train
 from ...validation import FrozenSettings
@@ -57,6 +60,9 @@ class SAESettings(FrozenSettings):
     align_epochs: int = Field(default=30, ge=1)  # paper mode's auxiliary AE (stage 1)
     align_batch_size: int = Field(default=128, ge=2)
     align_lr: float = Field(default=1e-3, gt=0)
+    # training images (with the objects their captions name) the object map of cue masking is
+    # fitted on: the captions the model learned its prior from
+    object_images: int = Field(default=1500, ge=3)
 
 
 class ExperimentConfig(FrozenSettings):
@@ -275,7 +281,20 @@ def train_saes(
         )
         saes[site] = result.out
         stats[site] = dict(result.sae.config.stats)
+    if any(v.mode == "cue-mask" for v in config.eval.variants):
+        fit_object_map(world, model_dir, saes["projector"], s.object_images)
     return saes, stats
+
+
+def fit_object_map(world: World, model_dir: Path, sae_dir: Path, n: int) -> Path:
+    """The projector SAE's object map (``objects.json`` beside it) from the first ``n``
+    training images and the objects their captions name."""
+    loaded = load(str(model_dir))
+    reader = SiteReader(*loaded, layer=None)
+    items = [Labelled(sc.image, frozenset(sc.present)) for sc in world.splits["train"][:n]]
+    fitted_on = {"split": "train", "images": len(items), "source": "captions"}
+    objects = fit_from_images(reader, load_sae(str(sae_dir)).eval(), items, fitted_on=fitted_on)
+    return objects.save(Path(sae_dir) / "objects.json")
 
 
 # --- all seeds ---------------------------------------------------------------------------------
