@@ -87,7 +87,7 @@ PAPER_FLAGS = {
 }
 # Cue masking's settings: GuardConfig field -> help.
 CUE_FLAGS = {
-    "objects": "the object map (vlsae-guard object-map)",
+    "objects": "the object map (vlsae_guard.concepts.object_map.build_object_map)",
     "recall_floor": "a cue is in the image where its evidence reaches what this share of "
     "images holding it reach",
     "min_conditional": "c is a cue of o where captions name o with c at least this often",

@@ -1,6 +1,6 @@
 """Build an object map (``objects.json``) for cue masking from images labelled with their objects.
 
-``vlsae-guard object-map`` and the lab call :func:`build_object_map`: the model projects each
+:func:`build_object_map` (and the lab, through :func:`fit_from_images`): the model projects each
 image, the projector SAE encodes its tokens, and
 :func:`~vlsae_guard.core.object_evidence.fit_object_concepts` fits each object's concepts and the
 captions' co-occurrence statistics. The labels should be those of the data the model learned its
@@ -18,7 +18,8 @@ import torch
 from PIL import Image
 from pydantic import Field
 
-from ..backends import load
+from ..backends import detect, load
+from ..core.checkpoint import check_compatible
 from ..core.checkpoint import load as load_sae
 from ..core.object_evidence import ObjectConcepts, fit_object_concepts, pooled_codes
 from ..pipeline.collect import SiteReader
@@ -106,10 +107,9 @@ def build_object_map(config: ObjectMapConfig) -> Path:
     """Fit and write the object map; returns where it was written."""
     items = read_labels(config.labels, config.images)
     sae = load_sae(config.sae).eval()
-    if sae.config.site != "projector":
-        raise ValueError(f"{config.sae}: cue masking reads the projector; this SAE's site is "
-                         f"{sae.config.site!r}")  # fmt: skip
     model, inputs = load(config.model)
+    width = detect(model).out_features()
+    check_compatible(sae.config, "projector", "cue masking", width, f"{config.model}'s projector")
     reader = SiteReader(model, inputs, layer=None)
     provenance = {"labels": str(config.labels), "model": config.model, "sae": config.sae}
     objects = fit_from_images(

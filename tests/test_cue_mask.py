@@ -1,0 +1,194 @@
+"""Cue masking: object maps fitted from labelled images, and the guard mode that uses them."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from vlsae_guard import GuardError, guard, methods
+from vlsae_guard.backends import detect
+from vlsae_guard.core.checkpoint import load as load_sae
+from vlsae_guard.core.intervention import GuardConfig
+from vlsae_guard.core.object_evidence import (
+    QUANTILES,
+    ObjectConcepts,
+    ObjectEntry,
+    fit_object_concepts,
+    pool,
+    pooled_codes,
+)
+from vlsae_guard.core.sae import Codes
+
+
+def confounded_images(n: int = 3000, seed: int = 0):
+    """Concepts 0/1/2 respond to ball/kite/dog; kite comes with 95% of balls (the cue)."""
+    g = torch.Generator().manual_seed(seed)
+    ball = torch.rand(n, generator=g) < 0.4
+    kite = torch.where(ball, torch.rand(n, generator=g) < 0.95, torch.rand(n, generator=g) < 0.2)
+    dog = torch.rand(n, generator=g) < 0.3
+    labels = torch.stack([ball, kite, dog], 1)
+    pooled = 0.1 * torch.rand(n, 6, generator=g)
+    pooled[:, :3] += labels.float() * torch.tensor([3.0, 1.0, 2.0])
+    return pooled, labels
+
+
+def test_the_fit_credits_each_concept_to_its_own_object_not_to_its_companion():
+    pooled, labels = confounded_images()
+    names = ["ball", "kite", "dog"]
+    fitted = fit_object_concepts(pooled, labels, names, top=1)
+    assert {n: fitted.objects[n].concepts for n in names} == {"ball": [0], "kite": [1], "dog": [2]}
+    # the naive route (mean activation of images naming the kite minus the others) picks the ball
+    gap = pooled[labels[:, 1]].mean(0) - pooled[~labels[:, 1]].mean(0)
+    assert int(gap.argmax()) == 0
+    assert fitted.cues("kite", 0.8, 1.5) == ["ball"]  # P(kite | ball) ~ 0.95
+    assert fitted.cues("ball", 0.8, 1.5) == []  # P(ball | kite) ~ 0.7: no cue
+    assert fitted.cues("dog", 0.5, 1.0) == []
+
+
+def test_thresholds_follow_the_recall_floor_and_the_map_round_trips(tmp_path):
+    pooled, labels = confounded_images()
+    fitted = fit_object_concepts(pooled, labels, ["ball", "kite", "dog"], top=2)
+    kite = fitted.objects["kite"]
+    assert kite.threshold(0.99) <= kite.threshold(0.9) <= kite.threshold(0.5)
+    held = pooled[-1000:][labels[-1000:, 1]][:, kite.concepts] @ torch.tensor(kite.weights)
+    assert (held >= kite.threshold(0.9)).float().mean() == pytest.approx(0.9, abs=0.01)
+    path = fitted.save(tmp_path / "objects.json")
+    assert ObjectConcepts.load(path) == fitted
+
+
+def test_a_bad_object_map_is_named(tmp_path):
+    path = tmp_path / "objects.json"
+    path.write_text(json.dumps({"n_concepts": 4, "objects": {"kite": {"concepts": [9]}}}))
+    with pytest.raises(ValueError, match="objects.json: not an object map") as e:
+        ObjectConcepts.load(path)
+    assert "objects.kite.weights" in str(e.value)
+    entry = ObjectEntry(concepts=[7], weights=[1.0], positive_quantiles=[0.0] * QUANTILES,
+                        n_positive=3)  # fmt: skip
+    with pytest.raises(ValueError, match="concept 7 >= n_concepts 4"):
+        ObjectConcepts(n_concepts=4, objects={"kite": entry})
+
+
+def test_pooling_topk_codes_equals_pooling_dense_codes():
+    g = torch.Generator().manual_seed(1)
+    values = torch.rand(10, 3, generator=g)
+    indices = torch.stack([torch.randperm(8, generator=g)[:3] for _ in range(10)])
+    codes = Codes(values, indices, 8)
+    owners = torch.tensor([0] * 4 + [1] * 6)
+    dense = codes.dense()
+    expected = torch.stack([pool(dense[:4]), pool(dense[4:])])
+    assert torch.equal(pooled_codes(codes, owners, 2), expected)
+
+
+# -- the guard mode on the tiny LLaVA --------------------------------------------------------
+
+
+def object_map(sae, present: float) -> ObjectConcepts:
+    """Ball's concepts: all of them (any image token holds some); kite's and dog's: one each.
+    ``present``: the evidence every quantile records (0: any image holds a ball)."""
+    n = sae.n_concepts
+    quantiles = [present] * QUANTILES
+
+    def entry(concepts):
+        return ObjectEntry(concepts=concepts, weights=[1.0] * len(concepts),
+                           positive_quantiles=quantiles, n_positive=10)  # fmt: skip
+
+    return ObjectConcepts(
+        n_concepts=n,
+        objects={"ball": entry(list(range(n))), "kite": entry([0]), "dog": entry([1])},
+        prevalence={"ball": 0.3, "kite": 0.4, "dog": 0.3},
+        conditional={"ball": {"kite": 0.97, "dog": 0.3}, "kite": {"ball": 0.6, "dog": 0.3}},
+    )
+
+
+@pytest.fixture(scope="module")
+def cue_sae_dir(tiny_sae_dir, tmp_path_factory):
+    directory = tmp_path_factory.mktemp("cue-sae") / "sae"
+    shutil.copytree(tiny_sae_dir, directory)
+    object_map(load_sae(directory), present=0.0).save(directory / "objects.json")
+    return directory
+
+
+def projected(model, inputs, **guarded) -> torch.Tensor:
+    """What the language model receives from the projector (after any guard hook)."""
+    seen = []
+    hook = detect(model).projector().register_forward_hook(lambda m, a, out: seen.append(out))
+    try:
+        with torch.no_grad():
+            model(**inputs)
+    finally:
+        hook.remove()
+    return seen[0]
+
+
+def inputs_for(processor, images, questions):
+    processor.tokenizer.padding_side = "left"
+    prompts = [f"USER: <image>\n{q} ASSISTANT:" for q in questions]
+    return dict(processor(images=images, text=prompts, return_tensors="pt", padding=True))
+
+
+def test_the_asked_objects_cue_is_masked_and_nothing_else(
+    hf_model_and_processor, cue_sae_dir, tiny_images
+):
+    model, processor = hf_model_and_processor
+    questions = ["Is there a kite in the image?", "Is there a dog in the image?"]
+    inputs = inputs_for(processor, tiny_images[:2], questions)
+    plain = projected(model, inputs)
+    with guard(model, cue_sae_dir, method="cue-mask", tokenizer=processor.tokenizer) as handle:
+        masked = projected(model, inputs)
+        assert handle.method == "cue-mask" and handle.stats.calls == 1
+    bias = load_sae(cue_sae_dir).decoder_for("vision").bias
+    assert torch.allclose(masked[0], bias.expand_as(masked[0]))  # kite: its cue, the ball, gone
+    assert torch.equal(masked[1], plain[1])  # dog has no cue: untouched, bit for bit
+    assert torch.equal(projected(model, inputs), plain)  # removed: the model as it was
+
+
+def test_an_undetected_cue_masks_nothing(
+    hf_model_and_processor, cue_sae_dir, tiny_images, tmp_path
+):
+    model, processor = hf_model_and_processor
+    sae = load_sae(cue_sae_dir)
+    path = object_map(sae, present=1e6).save(tmp_path / "objects.json")  # no ball reaches it
+    inputs = inputs_for(processor, tiny_images[:1], ["Is there a kite in the image?"])
+    plain = projected(model, inputs)
+    with guard(model, cue_sae_dir, method="cue-mask", objects=str(path),
+               tokenizer=processor.tokenizer):  # fmt: skip
+        assert torch.equal(projected(model, inputs), plain)
+
+
+def test_cue_mask_is_a_method_and_refuses_before_attaching(
+    hf_model_and_processor, tiny_sae_dir, cue_sae_dir
+):
+    model, processor = hf_model_and_processor
+    hooks = dict(detect(model).projector()._forward_hooks)
+    with pytest.raises(GuardError, match="objects.json: cannot read the object map"):
+        guard(model, tiny_sae_dir, method="cue-mask", tokenizer=processor.tokenizer)
+    with pytest.raises(methods.MethodError, match="do not apply to mode 'cue-mask'"):
+        methods.attach("cue-mask", model, cue_sae_dir, alpha=0.5)
+    assert dict(detect(model).projector()._forward_hooks) == hooks
+    assert methods.METHODS["cue-mask"].needs_sae
+    with pytest.raises(ValueError, match="runs mode 'cue-mask', not 'paper'"):
+        GuardConfig(method="cue-mask", mode="paper")
+    assert GuardConfig(method="cue-mask").mode == "cue-mask"
+
+
+def test_an_object_map_is_built_from_labelled_images(tiny_hf_dir, tiny_sae_dir, tmp_path):
+    from vlsae_guard.concepts.object_map import ObjectMapConfig, build_object_map
+    from vlsae_guard.lab import tiny
+
+    rows = []
+    for i, image in enumerate(tiny.make_images(12, seed=3)):
+        image.save(tmp_path / f"{i}.png")
+        rows.append({"image": f"{i}.png", "objects": ["Kite"] if i % 2 else ["kite", "dog"]})
+    labels = tmp_path / "labels.jsonl"
+    labels.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    config = ObjectMapConfig(model=str(tiny_hf_dir), sae=str(tiny_sae_dir), labels=labels,
+                             images=tmp_path, out=tmp_path / "objects.json", top=4)  # fmt: skip
+    fitted = ObjectConcepts.load(build_object_map(config))
+    assert fitted.prevalence == {"dog": 0.5, "kite": 1.0}
+    assert fitted.conditional["dog"]["kite"] == 1.0
+    labels.write_text('{"image": "0.png"}\n')
+    with pytest.raises(ValueError, match=r"labels.jsonl:1: expected"):
+        build_object_map(config)
