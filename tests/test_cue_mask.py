@@ -189,6 +189,18 @@ def test_an_object_map_is_built_from_labelled_images(tiny_hf_dir, tiny_sae_dir, 
     fitted = ObjectConcepts.load(build_object_map(config))
     assert fitted.prevalence == {"dog": 0.5, "kite": 1.0}
     assert fitted.conditional["dog"]["kite"] == 1.0
+    # the command line: the same map, written where guard(method="cue-mask") looks by default
+    from vlsae_guard.cli import main
+
+    sae_dir = tmp_path / "sae"
+    shutil.copytree(tiny_sae_dir, sae_dir)
+    argv = ["object-map", "--model", str(tiny_hf_dir), "--sae", str(sae_dir), "--labels",
+            str(labels), "--images", str(tmp_path), "--top", "4"]  # fmt: skip
+    assert main(argv) == 0
+    assert ObjectConcepts.load(sae_dir / "objects.json") == fitted.model_copy(
+        update={"fitted_on": {**fitted.fitted_on, "sae": str(sae_dir)}}
+    )
     labels.write_text('{"image": "0.png"}\n')
+    assert main(argv) != 0
     with pytest.raises(ValueError, match=r"labels.jsonl:1: expected"):
         build_object_map(config)

@@ -40,13 +40,15 @@ def test_demo_writes_consistent_results(tmp_path, capsys, fast_lab):
     printed = capsys.readouterr().out
     assert "planted named co-occurrence ball -> kite" in printed and "McNemar p" in printed
     assert "planted unnamed context stripes -> ring" in printed
+    assert "guard: cue-mask" in printed  # the demo's guard unless a --vlsae-* flag says otherwise
     result = json.loads((tmp_path / "results.json").read_text())
+    assert result["arms"] == ["none", "cue-mask"]
     assert result["mean_f1"]["splits"] == list(FAST.world.question_sets)
     for name in FAST.world.question_sets:
         split = result["splits"][name]
         questions = pope.load_questions(tmp_path / "inputs" / "test" / f"{name}.jsonl")
         questions = questions.questions[:9]
-        for arm in ("none", "vlsae"):
+        for arm in ("none", "cue-mask"):
             path = tmp_path / "answers" / arm / f"{name}.jsonl"
             rows = {r["question_id"]: r for r in map(json.loads, path.read_text().splitlines())}
             preds = [pope.parse_answer(rows[q.question_id]["text"]) for q in questions]

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from vlsae_guard.core.object_evidence import ObjectConcepts
 from vlsae_guard.lab.testbed import diagnostic, evaluation, experiment, pooling
 from vlsae_guard.lab.testbed.model import ModelConfig, TrainingConfig, trained_model
 from vlsae_guard.lab.testbed.recipe import RecipeConfig, embedded_loss, tower_features
@@ -317,17 +318,19 @@ def test_fast_end_to_end_results(fast_run):
     assert len(seed["model"]["sha256"]) == 64 and seed["model"]["training"]["loss"]
     assert {"projector", f"layer:{config.paper_layer}"} == set(seed["sae"])
     assert all(len(s["sha256"]) == 64 for s in seed["sae"].values())
-    grids = len(variants) * len(config.eval.alphas) + sum(len(p.grid) for p in config.eval.peers)
+    # cue masking's object map, fitted on the training captions, beside the projector SAE
+    objects = ObjectConcepts.load(Path(seed["sae"]["projector"]["path"]) / "objects.json")
+    assert objects.fitted_on["split"] == "train" and objects.objects
+    grids = sum(len(v.candidates(config.eval.alphas)) for v in config.eval.variants)
+    grids += sum(len(p.grid) for p in config.eval.peers)
     assert len(seed["validation"]) == grids
     assert set(seed["chosen"]) == set(variants + peers)
     assert seed["selected"] in variants
     for name in variants + peers:
         run = seed["test"][name]
         assert run["settings"] == seed["chosen"][name]["settings"]
-        assert run["arms"] == [
-            "none",
-            "paper" if name == "paper" else "vlsae" if name in variants else name,
-        ]
+        method = {"paper": "paper", "cue-mask": "cue-mask"}.get(name, "vlsae")
+        assert run["arms"] == ["none", method if name in variants else name]
         assert set(run["splits"]) == set(QUESTION_SETS)
         for split in run["splits"].values():
             assert set(split["off"]) >= {"f1", "precision", "yes_ratio"}

@@ -98,7 +98,8 @@ def show_default(value: Any) -> str:
     if value is PydanticUndefined:
         return ""
     if isinstance(value, float):
-        return f"{value:g}".replace("e-0", "e-")
+        short = f"{value:g}".replace("e-0", "e-")
+        return short if float(short) == value else repr(value)  # 1/3 is not 0.333333
     return str(value)
 
 
@@ -177,11 +178,12 @@ def _fail(command: str, message: str) -> int:
     return EXIT_ERROR
 
 
-def validated(model: type[M], what: str, *, across: str = "", **values: Any) -> M:
+def validated(model: type[M], what: str, /, *, across: str = "", **values: Any) -> M:
     """Build ``model`` from flags named like its fields (``--model-id`` for ``model_id``).
 
     Validation errors come back as a :class:`UsageError` naming the flags, not the fields;
-    ``across`` names the flags a whole-model check is about.
+    ``across`` names the flags a whole-model check is about. ``model`` and ``what`` are
+    positional-only, so that models may have fields of those names (``--model``).
     """
     try:
         return model(**values)

@@ -274,7 +274,11 @@ def chair_config(args: argparse.Namespace) -> ChairRunConfig:
 
 def demo_config(args: argparse.Namespace) -> DemoConfig:
     """``pope_parser()``'s flags for ``--demo``: output, seed, batching and the guard settings;
-    model and data are the demo's own (``--sae``, ``--model`` and the like are not used)."""
+    model and data are the demo's own (``--sae``, ``--model`` and the like are not used).
+    Without a ``--vlsae-*`` flag the guard is the demo's (cue masking); with one, the flags
+    describe it as for any run (``--vlsae-alpha 0.5``: the projector guard)."""
+    if not guard_fields(args):
+        return build(DemoConfig, args)
     return build(DemoConfig, args, guard=guard_config(args))
 
 

@@ -1,4 +1,5 @@
-"""Concept commands: ``inspect`` one input, ``catalog`` and ``ms`` over a collected store.
+"""Concept commands: ``inspect`` one input, ``catalog`` and ``ms`` over a collected store,
+``object-map`` (cue masking's object concepts) over labelled images.
 
 Their arguments are validated by the models below, whose defaults are also argparse's.
 """
@@ -13,6 +14,7 @@ from typing import TYPE_CHECKING, TypeVar
 
 from pydantic import DirectoryPath, Field, FilePath, model_validator
 
+from ..concepts.object_map import ObjectMapConfig
 from ..concepts.pooled import Pooling
 from ..core.checkpoint import load
 from ..outputs import check_writable, refuse_non_empty
@@ -335,6 +337,38 @@ def ms_command(args: argparse.Namespace) -> None:
     record = {"images": result.images, "pooling": opts.pooling, "summary": summaries}
     write_json(opts.out / "ms.json", record | {"scores": _nan_to_none(scores)})
     print(f"wrote {png}")
+
+
+@subcommand(
+    "object-map",
+    "fit cue masking's object map: each object's concepts and the labels' co-occurrences",
+    _SAE,
+    arg("--model", required=True, help="LLaVA checkpoint folder or Hub id"),
+    arg("--labels", required=True, type=Path, metavar="FILE",
+        help='JSON lines {"image": PATH, "objects": [NAME, ...]}: the objects each image holds, '
+        "from the data the model learned from (e.g. COCO's annotations)"),
+    arg("--images", required=True, type=Path, metavar="DIR", help="folder the image paths are in"),
+    field_arg(ObjectMapConfig, "out", "--out", type=Path, metavar="FILE", help="the map to write",
+              unset="SAE/objects.json, where cue masking looks"),
+    field_arg(ObjectMapConfig, "top", "--top", type=int, fill=True, help="concepts per object"),
+    field_arg(ObjectMapConfig, "calibrate", "--calibrate", type=float, fill=True,
+              help="share of the images held out for each object's recall-floor quantiles"),
+    field_arg(ObjectMapConfig, "batch_size", "--batch-size", type=int, fill=True),
+    field_arg(ObjectMapConfig, "device", "--device", fill=True, help="cpu, cuda, ..."),
+)  # fmt: skip
+def object_map_command(args: argparse.Namespace) -> None:
+    """Project each labelled image, encode its tokens with the projector SAE, pool them per
+    concept, and fit each object's concepts by least squares of the concepts on the objects'
+    indicators (the other objects held fixed), with the labels' co-occurrence statistics that
+    name each object's cues (vlsae_guard.core.object_evidence)."""
+    from ..concepts.object_map import build_object_map
+
+    opts = validated_flags(ObjectMapConfig, args)
+    try:
+        written = build_object_map(opts)
+    except ValueError as e:
+        raise UsageError(str(e)) from e
+    print(f"wrote {written}")
 
 
 def _nan_to_none(scores: dict[str, list[float]]) -> dict[str, list[float | None]]:

@@ -35,6 +35,7 @@ class ObjectMapConfig(FrozenSettings):
     top: int = Field(default=8, ge=1)
     calibrate: float = Field(default=1 / 3, gt=0, lt=1)
     batch_size: int = Field(default=64, ge=1)
+    device: str = "cpu"
 
 
 @dataclass(frozen=True)
@@ -106,8 +107,8 @@ def fit_from_images(
 def build_object_map(config: ObjectMapConfig) -> Path:
     """Fit and write the object map; returns where it was written."""
     items = read_labels(config.labels, config.images)
-    sae = load_sae(config.sae).eval()
-    model, inputs = load(config.model)
+    sae = load_sae(config.sae).eval().to(config.device)
+    model, inputs = load(config.model, device=config.device)
     width = detect(model).out_features()
     check_compatible(sae.config, "projector", "cue masking", width, f"{config.model}'s projector")
     reader = SiteReader(model, inputs, layer=None)

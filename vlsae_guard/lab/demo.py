@@ -149,7 +149,8 @@ class DemoConfig(Settings):
     batch_size: int = Field(default=RunConfig.model_fields["batch_size"].default, ge=1)
     limit: int | None = Field(default=None, ge=1)
     bootstrap: int = RunConfig.model_fields["bootstrap"].default
-    guard: GuardConfig = GuardConfig()
+    # cue masking: the guard that lowers the lab's co-occurrence cause (docs/testbed.md)
+    guard: GuardConfig = GuardConfig(mode="cue-mask")
     lab: ExperimentConfig = Field(default_factory=lambda: ExperimentConfig.demo())
 
 
@@ -204,7 +205,7 @@ def run_demo(config: DemoConfig, progress: bool = True, log=None) -> tuple[dict,
         f"training images, {'cached' if model.cached else 'trained now'}), "
         f"{len(world.splits['test'])} test images\n"
         + "\n".join(_cause_line(c, s, lab) for c, s in scores.items())
-        + f"\nguard: {config.guard.rewrite}, alpha={config.guard.alpha}"
+        + f"\nguard: {_describe(config.guard)}"
     )
     table = pope_harness.finish(results, out, "POPE demo (lab model)", [DEMO_NOTE])
     warnings = "".join(f"WARNING: {w}\n\n" for w in results["warnings"])
@@ -213,6 +214,17 @@ def run_demo(config: DemoConfig, progress: bool = True, log=None) -> tuple[dict,
         f"wrote {out / 'results.json'}, results.md, results.png and answers/ in {out}"
     )
     return results, text
+
+
+def _describe(guard: GuardConfig) -> str:
+    if guard.mode == "cue-mask":
+        return (
+            f"cue-mask, recall_floor={guard.recall_floor}, token_share={guard.token_share} "
+            "(the asked object's cues masked in the image tokens)"
+        )
+    if guard.mode == "paper":
+        return f"paper mode, layer {guard.layer}, alpha={guard.alpha}"
+    return f"{guard.rewrite}, alpha={guard.alpha}"
 
 
 def _cause_line(cause: str, s: dict, lab: ExperimentConfig) -> str:

@@ -92,9 +92,20 @@ class ExperimentConfig(FrozenSettings):
             recipe=RecipeConfig(  # the staged recipe, so the fast run exercises it end to end
                 kind="llava", clip_steps=8, clip_batch_size=16, lm_warmup_steps=4, projector_steps=4
             ),
-            sae=SAESettings(pairs=24, epochs=2, batch_size=64, align_epochs=2, align_batch_size=8),
+            sae=SAESettings(
+                pairs=24,
+                epochs=2,
+                batch_size=64,
+                align_epochs=2,
+                align_batch_size=8,
+                object_images=48,
+            ),  # fmt: skip
             eval=EvalConfig(
-                variants=(DEFAULT_VARIANTS[0], DEFAULT_VARIANTS[3]),
+                variants=(
+                    DEFAULT_VARIANTS[0],
+                    DEFAULT_VARIANTS[3],
+                    DEFAULT_VARIANTS[4].model_copy(update={"grid": DEFAULT_VARIANTS[4].grid[:2]}),
+                ),
                 alphas=(0.5, 1.0),
                 peers=tuple(Peer(method=p.method, grid=p.grid[:1]) for p in DEFAULT_PEERS),
                 bootstrap=50,
@@ -113,7 +124,7 @@ class ExperimentConfig(FrozenSettings):
             training=TrainingConfig(threads=2),
             recipe=RecipeConfig(clip_steps=300, lm_warmup_steps=100, projector_steps=100),
             sae=SAESettings(pairs=300, epochs=20),
-            eval=EvalConfig(variants=(DEFAULT_VARIANTS[0],), peers=()),
+            eval=EvalConfig(variants=(DEFAULT_VARIANTS[0], DEFAULT_VARIANTS[4]), peers=()),
         )
 
     @property
