@@ -30,6 +30,7 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--run", type=Path, default=Path("runs/testbed"), help="testbed.py --out")
     p.add_argument("--top", type=int, default=4, help="paired route: concepts per object")
+    p.add_argument("--floor", type=float, default=0.9, help="regressed route: recall floor")
     p.add_argument("--threads", type=int, default=1)
     return p
 
@@ -44,11 +45,12 @@ def main(argv: list[str] | None = None) -> int:
         seeds = []
         for seed, record, world in per_seed:
             sae = record["sae"]["projector"]["path"]
-            rows = evidence(record["model"]["path"], sae, world, pairs, args.top)
+            rows = evidence(record["model"]["path"], sae, world, pairs, args.top, args.floor)
             seeds.append({"seed": seed, "model_sha256": record["model"]["sha256"], "causes": rows})
         out = {
             "run": str(args.run),
             "top": args.top,
+            "floor": args.floor,
             "seeds": seeds,
             "environment": provenance.environment(),
         }
@@ -64,8 +66,8 @@ def table(seeds: list[dict]) -> str:
     """Per seed and cause: each route's concepts, how often they fire, and the AUC."""
     lines = [
         "| seed | cause | cue -> B | shared: concepts / fire / AUC"
-        " | paired: concepts / fire / AUC |",
-        "|---|---|---|---|---|",
+        " | paired: concepts / fire / AUC | regressed: AUC / gate passes cue only / B |",
+        "|---|---|---|---|---|---|",
     ]
 
     def cell(row: dict, route: str) -> str:
@@ -77,9 +79,17 @@ def table(seeds: list[dict]) -> str:
         for r in s["causes"]:
             lines.append(
                 f"| {s['seed']} | {r['cause']} | {r['cue']} -> {r['object']} | "
-                f"{cell(r, 'shared')} | {cell(r, 'paired')} |"
+                f"{cell(r, 'shared')} | {cell(r, 'paired')} | {_gate(r)} |"
             )
     return "\n".join(lines)
+
+
+def _gate(row: dict) -> str:
+    def show(value):
+        return "n/a" if value is None else f"{value:.2f}"
+
+    keys = ("regressed_auc", "regressed_pass_cue", "regressed_pass_b")
+    return " / ".join(show(row[k]) for k in keys)
 
 
 if __name__ == "__main__":

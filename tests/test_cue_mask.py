@@ -204,3 +204,32 @@ def test_an_object_map_is_built_from_labelled_images(tiny_hf_dir, tiny_sae_dir, 
     assert main(argv) != 0
     with pytest.raises(ValueError, match=r"labels.jsonl:1: expected"):
         build_object_map(config)
+
+
+def test_background_fill_is_the_mean_of_the_images_unmasked_tokens(
+    hf_model_and_processor, cue_sae_dir, tiny_images, tmp_path
+):
+    model, processor = hf_model_and_processor
+    sae = load_sae(cue_sae_dir)
+    cue = object_map(sae, present=0.0)
+    inputs = inputs_for(processor, tiny_images[:2], ["Is there a kite in the image?"] * 2)
+    plain = projected(model, inputs)
+    holds = [sae.encode_topk(p, "vision").indices for p in plain]  # tokens x k, per image
+    # the ball: the concept of token 0 of image 0 that the fewest tokens hold
+    ball = [min(holds[0][0].tolist(), key=lambda c: sum(int((h == c).sum()) for h in holds))]
+    entry = cue.objects["ball"].model_copy(update={"concepts": ball, "weights": [1.0] * len(ball)})
+    path = cue.model_copy(update={"objects": {**cue.objects, "ball": entry}}).save(
+        tmp_path / "objects.json"
+    )
+    with guard(model, cue_sae_dir, method="cue-mask", objects=str(path), fill="background",
+               tokenizer=processor.tokenizer):  # fmt: skip
+        masked = projected(model, inputs)
+    for i in range(2):
+        hide = (holds[i] == ball[0]).any(-1)
+        assert not hide.all() and (hide.any() or i == 1)  # image 0's token 0 holds the ball
+        if not hide.any():  # the ball is not in this image: nothing to mask
+            assert torch.equal(masked[i], plain[i])
+            continue
+        background = plain[i][~hide].mean(0)
+        assert torch.allclose(masked[i][hide], background.expand(int(hide.sum()), -1), atol=1e-5)
+        assert torch.equal(masked[i][~hide], plain[i][~hide])

@@ -573,5 +573,8 @@ def test_testbed_evidence_on_the_fast_run(fast_run, capsys):
         for route in ("shared", "paired"):
             assert 0 <= row[f"{route}_fires"] <= 1
             assert row[f"{route}_auc"] is None or 0 <= row[f"{route}_auc"] <= 1
+        for key in ("regressed_auc", "regressed_pass_cue", "regressed_pass_b"):
+            assert row[key] is None or 0 <= row[key] <= 1
+    assert saved["floor"] == 0.9
     assert "| 0 | context | stripes -> ring |" in capsys.readouterr().out
     assert bench.main(["--run", str(root / "missing")]) == 2

@@ -93,6 +93,7 @@ CUE_FLAGS = {
     "min_conditional": "c is a cue of o where captions name o with c at least this often",
     "min_lift": "... and at least this many times o's base rate",
     "token_share": "tokens masked: the cue's evidence above this share of the image's largest",
+    "fill": "a masked token becomes the SAE's concept-free token, or the image's background",
 }
 NUMBERS = ("beta", "c_alpha", "c_beta", "recall_floor", "min_conditional", "min_lift",
            "token_share")  # fmt: skip

@@ -14,8 +14,8 @@ removes only the trigger of the prior, for the one question that it would bias:
 3. for each cue detected in the image (its concept evidence, pooled over the image's tokens,
    reaches what ``recall_floor`` of held-out images holding c reach), the image tokens where
    c's concepts fire (token evidence above ``token_share`` of the image's largest) are replaced
-   by the SAE's concept-free token (the vision decoder's bias: what the SAE decodes from no
-   active concept);
+   (``fill``) by the SAE's concept-free token (the vision decoder's bias: what the SAE decodes
+   from no active concept), or by the mean of the image's unmasked tokens (its background);
 4. the language model then answers about o from an image with everything but o's cue.
 
 One forward pass at the projector, as the projector guard; nothing changes when the prompt
@@ -115,5 +115,18 @@ class CueMask:
                 hide |= own & (evidence > 0) & (evidence > self.config.token_share * top)
         if not hide.any():
             return None
-        out = torch.where(hide.unsqueeze(-1), self.sae.decoder_for("vision").bias, x)
+        fill = self.sae.decoder_for("vision").bias.expand_as(x)
+        if self.config.fill == "background":
+            fill = self._background(x, hide, owners, len(counts), fill)
+        out = torch.where(hide.unsqueeze(-1), fill, x)
         return out.to(feats.device, dtype).reshape(shape)
+
+    @staticmethod
+    def _background(x: Tensor, hide: Tensor, owners: Tensor, n: int, fallback: Tensor) -> Tensor:
+        """Per token, the mean of its sample's unmasked tokens (``fallback`` where a sample has
+        none left)."""
+        kept = (~hide).to(x.dtype).unsqueeze(-1)
+        sums = x.new_zeros(n, x.shape[-1]).index_add_(0, owners, x * kept)
+        counts = x.new_zeros(n, 1).index_add_(0, owners, kept)
+        means = sums / counts.clamp_min(1)
+        return torch.where(counts[owners] > 0, means[owners], fallback)

@@ -77,6 +77,9 @@ class GuardConfig(FrozenSettings):
     min_lift: float = Field(default=1.5, ge=1.0)
     # Tokens masked: the cue's token evidence above this share of the image's largest (0: any).
     token_share: float = Field(default=0.0, ge=0.0, lt=1.0)
+    # What a masked token becomes: the SAE's concept-free token (its vision decoder's bias), or
+    # the mean of the image's own unmasked tokens (its background, as an image without the cue).
+    fill: Literal["concept-free", "background"] = "concept-free"
 
     @model_validator(mode="before")
     @classmethod
@@ -122,7 +125,7 @@ class GuardConfig(FrozenSettings):
 
 GUARD_MODES = ("projector", "paper", "cue-mask")
 _PAPER = ("layer", "point", "beta", "c_alpha", "c_beta", "exact", "sae_dtype", "topk_ties")
-_CUES = ("objects", "recall_floor", "min_conditional", "min_lift", "token_share")
+_CUES = ("objects", "recall_floor", "min_conditional", "min_lift", "token_share", "fill")
 _PROJECTOR = ("rewrite", "text_grounded", "shared_concepts", "steer")
 _ONLY = {  # the fields a mode refuses when they are given
     "projector": _PAPER + _CUES,

@@ -10,7 +10,13 @@ is there. Two ways to name those concepts:
   modalities;
 - ``paired``: the ``top`` vision concepts whose max activation over an image's tokens differs
   most between the SAE's training images whose caption names the object and the others, read off
-  the image-caption pairs the SAE was trained on (so biased as the captions are).
+  the image-caption pairs the SAE was trained on (so biased as the captions are);
+- ``regressed``: the object map of cue masking
+  (:func:`~vlsae_guard.core.object_evidence.fit_object_concepts`: concepts regressed on all
+  objects at once, so the cue's concepts are not credited to B), fitted on the same pairs; with
+  its recall-floor threshold (``floor``) it says what a *gate* on B's evidence would do: the
+  share of cue-only images it would let a "yes" through (``regressed_pass_cue``) and of images
+  with B (``regressed_pass_b``).
 
 For each, the evidence of an image is the largest summed activation of those concepts over its
 tokens; the AUC compares validation images that hold B with images that hold the cue without B
@@ -24,6 +30,7 @@ import torch
 
 from ...backends import detect, load
 from ...core.checkpoint import load as load_sae
+from ...core.object_evidence import fit_object_concepts, pool
 from ...pipeline.collect import SiteReader
 from .diagnostic import cues
 from .world import Scene, World
@@ -69,7 +76,9 @@ def paired_concepts(codes: list, scenes: list[Scene], word: str, top: int) -> to
     return mask
 
 
-def evidence(model_dir, sae_dir, world: World, pairs: int = 600, top: int = 4) -> list[dict]:
+def evidence(
+    model_dir, sae_dir, world: World, pairs: int = 600, top: int = 4, floor: float = 0.9
+) -> list[dict]:
     """One row per planted cause: the two routes' concept counts and AUCs (see the module);
     ``pairs``: the SAE's training images (the first of the training split, as collected)."""
     model, inputs = load(str(model_dir))
@@ -79,6 +88,11 @@ def evidence(model_dir, sae_dir, world: World, pairs: int = 600, top: int = 4) -
     val = world.splits["val"]
     train_codes, val_codes = concept_codes(reader, sae, train), concept_codes(reader, sae, val)
     tokenizer = inputs.processor.tokenizer
+    names = list(world.config.names)
+    labels = torch.tensor([[n in sc.present for n in names] for sc in train])
+    pooled = torch.stack([pool(c) for c in train_codes])
+    regressed = fit_object_concepts(pooled, labels, names, top=max(top, 8))
+    val_evidence = regressed.evidence(torch.stack([pool(c) for c in val_codes]))
     rows = []
     for cause in cues(world):
         cue, b = cause["cue"], cause["object"]
@@ -94,9 +108,28 @@ def evidence(model_dir, sae_dir, world: World, pairs: int = 600, top: int = 4) -
             score = [float(c[:, mask].sum(1).max()) if mask.any() else 0.0 for c in val_codes]
             row[f"{route}_concepts"] = int(mask.sum())
             row[f"{route}_fires"] = float(np.mean([s > 0 for s in score]))
-            row[f"{route}_auc"] = auc(
-                [s for s, h in zip(score, holds_b, strict=True) if h],
-                [s for s, c, h in zip(score, has_cue, holds_b, strict=True) if c and not h],
-            )
+            row[f"{route}_auc"] = _separation(score, has_cue, holds_b)
+        entry = regressed.objects.get(b)
+        score = val_evidence[b].tolist() if entry else [0.0] * len(val)
+        row["regressed_concepts"] = len(entry.concepts) if entry else 0
+        row["regressed_auc"] = _separation(score, has_cue, holds_b)
+        threshold = entry.threshold(floor) if entry else float("inf")
+        passed = [x >= threshold for x in score]
+        cue_only = [c and not h for c, h in zip(has_cue, holds_b, strict=True)]
+        row["regressed_pass_cue"] = _share(passed, cue_only)
+        row["regressed_pass_b"] = _share(passed, holds_b)
         rows.append(row)
     return rows
+
+
+def _separation(score: list[float], has_cue: list[bool], holds_b: list[bool]) -> float | None:
+    """AUC of the evidence between images with B and images with the cue without B."""
+    return auc(
+        [s for s, h in zip(score, holds_b, strict=True) if h],
+        [s for s, c, h in zip(score, has_cue, holds_b, strict=True) if c and not h],
+    )
+
+
+def _share(flags: list[bool], where: list[bool]) -> float | None:
+    chosen = [f for f, w in zip(flags, where, strict=True) if w]
+    return float(np.mean(chosen)) if chosen else None
