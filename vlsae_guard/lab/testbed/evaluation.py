@@ -92,12 +92,17 @@ DEFAULT_VARIANTS = (
     Variant(name="edit", rewrite="edit"),
     Variant(name="replace+text", text_grounded=True),
     Variant(name="paper", mode="paper"),
-    # The map's cue statistics at GuardConfig's defaults; how sure a cue must be, and how much
-    # of it is masked, chosen on validation.
+    # The map's cue statistics at GuardConfig's defaults; how sure a cue must be, how much of
+    # it is masked and what fills it, chosen on validation.
     Variant(
         name="cue-mask",
         mode="cue-mask",
-        grid=tuple({"recall_floor": r, "token_share": t} for r in (0.9, 0.98) for t in (0.0, 0.5)),
+        grid=tuple(
+            {"recall_floor": r, "token_share": t, "fill": f}
+            for f in ("concept-free", "background")
+            for r in (0.9, 0.98)
+            for t in (0.0, 0.5)
+        ),
     ),
 )
 # Each method's published default first, then one stronger setting; PAI and DoLa's layers fit
