@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -255,3 +256,16 @@ class VLLMCase:
 @pytest.fixture(scope="session")
 def vllm_case(tiny_sae_dir) -> VLLMCase:
     return VLLMCase(tiny_sae_dir)
+
+
+@pytest.fixture(scope="session")
+def cue_sae_dir(tiny_sae_dir, tmp_path_factory):
+    """``tiny_sae_dir`` with the test object map of cue masking (:mod:`_cue_support`)."""
+    from _cue_support import object_map
+
+    from vlsae_guard.core.checkpoint import load as load_sae
+
+    directory = tmp_path_factory.mktemp("cue-sae") / "sae"
+    shutil.copytree(tiny_sae_dir, directory)
+    object_map(load_sae(directory), present=0.0).save(directory / "objects.json")
+    return directory

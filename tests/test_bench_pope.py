@@ -181,7 +181,10 @@ def load_script(name):
         (["--method", "paper"], "--method paper needs --sae DIR"),
         (["--method", "vcd", "--m3id-lam", "1"], "settings for m3id, which is not an arm"),
         (["--method", "vcd", "--vcd-beta", "2"], "invalid vcd settings"),
-        (["--backend", "vllm", "--method", "vcd"], "--backend vllm runs none and vlsae only"),
+        (
+            ["--backend", "vllm", "--method", "vcd"],
+            "--backend vllm runs none, vlsae, cue-mask only",
+        ),
         (["--backend", "openai"], "--base-url URL goes with --backend openai"),
         (["--base-url", "http://x/v1"], "--base-url URL goes with --backend openai"),
         (["--engine-args", '{"max_model_len": 64}'], "--engine-args goes with --backend vllm"),
@@ -190,7 +193,7 @@ def load_script(name):
         (["--backend", "vllm", "--device", "cpu"], "--device does not apply to --backend vllm"),
         (
             ["--backend", "vllm", "--sae", "x", "--vlsae-mode", "paper", "--vlsae-layer", "1"],
-            "--backend vllm runs none and vlsae only, not paper",
+            "--backend vllm runs none, vlsae, cue-mask only, not paper",
         ),
         (
             ["--backend", "vllm", "--sae", "x", "--vlsae-text-grounded"],

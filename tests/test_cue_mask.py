@@ -7,6 +7,7 @@ import shutil
 
 import pytest
 import torch
+from _cue_support import object_map
 
 from vlsae_guard import GuardError, guard, methods
 from vlsae_guard.backends import detect
@@ -83,32 +84,6 @@ def test_pooling_topk_codes_equals_pooling_dense_codes():
 
 
 # -- the guard mode on the tiny LLaVA --------------------------------------------------------
-
-
-def object_map(sae, present: float) -> ObjectConcepts:
-    """Ball's concepts: all of them (any image token holds some); kite's and dog's: one each.
-    ``present``: the evidence every quantile records (0: any image holds a ball)."""
-    n = sae.n_concepts
-    quantiles = [present] * QUANTILES
-
-    def entry(concepts):
-        return ObjectEntry(concepts=concepts, weights=[1.0] * len(concepts),
-                           positive_quantiles=quantiles, n_positive=10)  # fmt: skip
-
-    return ObjectConcepts(
-        n_concepts=n,
-        objects={"ball": entry(list(range(n))), "kite": entry([0]), "dog": entry([1])},
-        prevalence={"ball": 0.3, "kite": 0.4, "dog": 0.3},
-        conditional={"ball": {"kite": 0.97, "dog": 0.3}, "kite": {"ball": 0.6, "dog": 0.3}},
-    )
-
-
-@pytest.fixture(scope="module")
-def cue_sae_dir(tiny_sae_dir, tmp_path_factory):
-    directory = tmp_path_factory.mktemp("cue-sae") / "sae"
-    shutil.copytree(tiny_sae_dir, directory)
-    object_map(load_sae(directory), present=0.0).save(directory / "objects.json")
-    return directory
 
 
 def projected(model, inputs, **guarded) -> torch.Tensor:

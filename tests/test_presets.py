@@ -53,7 +53,10 @@ def test_the_chair_preset_has_its_own_numbers(tmp_path):
     [
         (["--preset", "official", "--method", "vcd"], "paper mode's protocol, not --method vcd"),
         (["--preset", "official", "--vlsae-beta", "2"], "--vlsae-beta: Input should be less"),
-        (["--preset", "official", "--backend", "vllm"], "runs none and vlsae only, not paper"),
+        (
+            ["--preset", "official", "--backend", "vllm"],
+            "runs none, vlsae, cue-mask only, not paper",
+        ),
     ],
 )
 def test_what_the_preset_cannot_run_is_refused(argv, message):

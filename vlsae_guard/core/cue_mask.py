@@ -28,7 +28,9 @@ matched; tokens are masked whole (a cue that overlaps o hides that part of o too
 
 from __future__ import annotations
 
+import os
 import re
+from pathlib import Path
 
 import torch
 from torch import Tensor
@@ -58,12 +60,27 @@ class PromptObjects:
         return out
 
 
+def object_map_path(config: GuardConfig, sae_source: str | os.PathLike | None) -> Path:
+    """Where cue masking reads its object map: ``config.objects``, else ``objects.json`` in the
+    SAE checkpoint's directory."""
+    if config.objects is not None:
+        return Path(config.objects)
+    if sae_source is None or not os.path.isdir(sae_source):
+        raise ValueError(
+            "mode 'cue-mask' needs objects=PATH (the object map, objects.json) when the SAE is "
+            "not a checkpoint directory"
+        )
+    return Path(sae_source) / "objects.json"
+
+
 class CueMask:
     """The intervention: ``mask(feats, counts, asked)`` returns the image tokens with each asked
-    object's detected cues replaced by the concept-free token."""
+    object's detected cues replaced (``config.fill``). ``prompts`` (with a ``tokenizer``) reads
+    the asked object off a prompt; a caller that knows it already (vLLM's processor) needs none.
+    """
 
     def __init__(
-        self, sae: SparseAutoencoder, config: GuardConfig, objects: ObjectConcepts, tokenizer
+        self, sae: SparseAutoencoder, config: GuardConfig, objects: ObjectConcepts, tokenizer=None
     ):
         if objects.n_concepts != sae.n_concepts:
             raise ValueError(
@@ -71,8 +88,8 @@ class CueMask:
                 f"{sae.n_concepts}"
             )
         self.sae, self.config, self.objects = sae, config, objects
-        self.prompts = PromptObjects(tokenizer, list(objects.objects))
-        names = self.prompts.names
+        self.names = names = list(objects.objects)
+        self.prompts = None if tokenizer is None else PromptObjects(tokenizer, names)
         n = sae.n_concepts
         weights = torch.zeros(len(names), n, dtype=sae.dtype, device=sae.device)
         for i, name in enumerate(names):

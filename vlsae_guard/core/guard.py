@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from ..backends import Backend, Prompt, detect
 from ..decoding import DecodingOptions, SharedBatch, Stream, doubled, fused_generate
 from .checkpoint import CheckpointError, check_compatible, check_module, load
-from .cue_mask import CueMask
+from .cue_mask import CueMask, object_map_path
 from .fit import DEFAULT_MIN_FIT, GuardFit, GuardFitWarning, measure_fit
 from .intervention import GuardConfig, ProjectorIntervention
 from .object_evidence import ObjectConcepts
@@ -364,15 +364,7 @@ def guard(
 
 def _cue_mask(model, sae, config: GuardConfig, source: str | None, tokenizer) -> CueMask:
     """The object map and the tokenizer, every problem raised before anything attaches."""
-    path = config.objects
-    if path is None:
-        if source is None or not os.path.isdir(source):
-            raise ValueError(
-                "mode 'cue-mask' needs objects=PATH (the object map, objects.json) when the SAE "
-                "is not a checkpoint directory"
-            )
-        path = os.path.join(source, "objects.json")
-    objects = ObjectConcepts.load(path)
+    objects = ObjectConcepts.load(object_map_path(config, source))
     if tokenizer is None:
         from transformers import AutoTokenizer
 

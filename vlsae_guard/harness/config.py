@@ -22,13 +22,11 @@ from ..scoring import chair, pope
 from ..scoring.stats import DEFAULT_BOOTSTRAP
 from ..validation import Settings
 from . import presets
-from .generation import BACKENDS, PROMPT_FORMATS, SERVED
+from .generation import BACKENDS, PROMPT_FORMATS, SERVED, SERVED_ARMS
 
 DTYPES = ("auto", "float16", "bfloat16", "float32")
 METHOD_NAMES = tuple(METHODS)
-# What a served backend can switch per request: the projector guard (issue 15: a two-arm method
-# needs two sequences per request and a fusion of their logits, which vLLM 0.32 has no hook for).
-SERVED_METHODS = ("none", "vlsae")
+SERVED_METHODS = SERVED_ARMS  # issue 15: the two-arm methods cannot run under vLLM 0.32
 CHAIR_SPLITS = ("chair500",)
 # Set by the runner itself (--model, --dtype, --seed; the guarded architecture).
 RUNNER_ENGINE_ARGS = frozenset({"model", "dtype", "seed", "hf_overrides"})
@@ -198,8 +196,9 @@ class RunConfig(Settings):
         off_menu = [m for m in arms if m not in SERVED_METHODS]
         if off_menu:
             raise ValueError(
-                f"--backend {self.backend} runs none and vlsae only, not {', '.join(off_menu)}: "
-                "vLLM switches the projector guard per request, while a two-arm method needs two "
+                f"--backend {self.backend} runs {', '.join(SERVED_METHODS)} only, not "
+                f"{', '.join(off_menu)}: vLLM switches a single-pass guard per request, while a "
+                "two-arm method needs two "
                 "sequences per request and a fusion of their logits each step (see "
                 "docs/serving.md); use --backend hf or llava"
             )

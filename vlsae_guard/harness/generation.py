@@ -28,6 +28,9 @@ from ..backends.hf import llava_conversation as llava_conversation
 
 BACKENDS = ("hf", "llava", "vllm", "openai")
 SERVED = ("vllm", "openai")  # the guard is switched per request, not attached in this process
+# What a served backend can switch per request: the single-pass guards (a two-arm method needs
+# two sequences per request and a fusion of their logits, which vLLM 0.32 has no hook for).
+SERVED_ARMS = ("none", "vlsae", "cue-mask")
 
 
 class BackendUnavailable(RuntimeError):
@@ -242,10 +245,11 @@ class OpenAIGenerator(Generator):
 
 
 def _served_arm(arm: str) -> bool:
-    """The per-request switch of a served arm: on for vlsae, off for none."""
-    if arm not in ("none", "vlsae"):
-        raise GenerationError(f"a served model runs none and vlsae, not {arm!r}")
-    return arm == "vlsae"
+    """The per-request switch of a served arm: on for the server's guard (vlsae or cue-mask,
+    as it was started), off for none."""
+    if arm not in SERVED_ARMS:
+        raise GenerationError(f"a served model runs {', '.join(SERVED_ARMS)}, not {arm!r}")
+    return arm != "none"
 
 
 def served_model(base_url: str, model: str | None) -> str:

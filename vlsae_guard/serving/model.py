@@ -18,6 +18,7 @@ before the hook sees it, so every rank computes the same guarded features.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -42,11 +43,12 @@ from vllm.multimodal import MULTIMODAL_REGISTRY
 from vllm.multimodal.inputs import MultiModalFieldConfig
 
 from ..core.checkpoint import check_compatible, load
+from ..core.cue_mask import CueMask, PromptObjects
 from ..core.fit import DEFAULT_MIN_FIT, measure_fit
 from ..core.guard import GuardStats
 from ..core.intervention import ProjectorIntervention
 from . import routing
-from .settings import REQUEST_KEY, PluginConfigError, ServeSettings
+from .settings import ASKED_KEY, REQUEST_KEY, PluginConfigError, ServeSettings
 
 
 def check_supported(hf_config) -> None:
@@ -77,27 +79,48 @@ class _GuardFlagProcessor:
         super().__init__(info, dummy_inputs)
         check_supported(info.get_hf_config())
         self.vlsae_settings = ServeSettings.from_env()
+        objects = self.vlsae_settings.object_map()
+        self.vlsae_prompts = None  # cue masking: reads the asked object off each prompt
+        if objects is not None:
+            self.vlsae_prompts = PromptObjects(info.get_tokenizer(), list(objects.objects))
 
     def apply(self, inputs, timing_ctx):
-        self.vlsae_settings.check_request(inputs.hf_processor_mm_kwargs, inputs.media_io_kwargs)
+        on = self.vlsae_settings.check_request(
+            inputs.hf_processor_mm_kwargs, inputs.media_io_kwargs
+        )
+        if self.vlsae_prompts is not None:  # before hashing: the object enters the cache keys
+            ids = torch.tensor([list(inputs.prompt)])
+            (asked,) = self.vlsae_prompts.asked(ids, torch.ones_like(ids, dtype=torch.bool))
+            name = self.vlsae_prompts.names[asked] if on and asked is not None else ""
+            kwargs = {**inputs.hf_processor_mm_kwargs, ASKED_KEY: name}
+            inputs = dataclasses.replace(inputs, hf_processor_mm_kwargs=kwargs)
         return super().apply(inputs, timing_ctx)
 
     def _apply_hf_processor_main(self, mm_items, hf_kwargs: Mapping[str, object]):
-        on = self.vlsae_settings.check_request(hf_kwargs)
-        kwargs = {k: v for k, v in hf_kwargs.items() if k != REQUEST_KEY}
+        asked = hf_kwargs.get(ASKED_KEY)
+        own = {k: v for k, v in hf_kwargs.items() if k != ASKED_KEY}
+        on = self.vlsae_settings.check_request(own)
+        kwargs = {k: v for k, v in own.items() if k != REQUEST_KEY}
         data = super()._apply_hf_processor_main(mm_items, kwargs)
         n_images = mm_items.get_all_counts().get("image", 0)
         if n_images:
             data[REQUEST_KEY] = torch.full((n_images,), on, dtype=torch.bool)
+            if self.vlsae_prompts is not None:
+                names = self.vlsae_prompts.names
+                index = names.index(asked) if asked in names else -1
+                data[ASKED_KEY] = torch.full((n_images,), index, dtype=torch.long)
         return data
 
     def _get_mm_prompt_updates(self, mm_items, hf_processor_mm_kwargs, out_mm_kwargs):
-        kwargs = {k: v for k, v in hf_processor_mm_kwargs.items() if k != REQUEST_KEY}
+        ours = (REQUEST_KEY, ASKED_KEY)
+        kwargs = {k: v for k, v in hf_processor_mm_kwargs.items() if k not in ours}
         return super()._get_mm_prompt_updates(mm_items, kwargs, out_mm_kwargs)
 
     def _get_mm_fields_config(self, hf_inputs, hf_processor_mm_kwargs):
         fields = dict(super()._get_mm_fields_config(hf_inputs, hf_processor_mm_kwargs))
         fields[REQUEST_KEY] = MultiModalFieldConfig.batched("image", keep_on_cpu=True)
+        if self.vlsae_prompts is not None:
+            fields[ASKED_KEY] = MultiModalFieldConfig.batched("image", keep_on_cpu=True)
         return fields
 
 
@@ -122,8 +145,9 @@ class _GuardedModel:
         check_supported(hf_config)
         self.vlsae_settings = settings = ServeSettings.from_env()
         self.vlsae_stats = GuardStats()
-        self.vlsae_intervention: ProjectorIntervention | None = None
-        self._vlsae_batch: tuple[Tensor | None, list[int] | None] | None = None
+        self.vlsae_intervention: ProjectorIntervention | CueMask | None = None
+        # per step: the images' guard flags, crops per image, and (cue-mask) asked objects
+        self._vlsae_batch: tuple[Tensor | None, list[int] | None, Tensor | None] | None = None
         if not settings.enabled:
             return
         weight = next(self.multi_modal_projector.parameters())
@@ -134,8 +158,12 @@ class _GuardedModel:
             check_compatible(sae.config, "projector", "the vLLM guard", width, "the projector")
         except ValueError as e:
             raise PluginConfigError(f"{settings.sae}: {e}") from e
+        objects = settings.object_map()
         try:
-            intervention = ProjectorIntervention.build(sae, settings.guard)
+            if objects is not None:
+                intervention = CueMask(sae, settings.guard, objects)
+            else:
+                intervention = ProjectorIntervention.build(sae, settings.guard)
         except ValueError as e:
             raise PluginConfigError(f"{settings.sae}: {e}") from e
         # A submodule, so its tensors count and move with the model; buffers, so vLLM's
@@ -146,11 +174,13 @@ class _GuardedModel:
 
     def embed_multimodal(self, **kwargs: object):
         flags = kwargs.pop(REQUEST_KEY, None)
+        asked = kwargs.pop(ASKED_KEY, None)
         if self.vlsae_intervention is None:
             return super().embed_multimodal(**kwargs)
         crops = routing.crops_per_image(kwargs.get("pixel_values"))
         n_images = None if crops is None else len(crops)
-        self._vlsae_batch = (routing.image_flags(flags, n_images), crops)
+        asked = routing.image_values(asked, n_images)
+        self._vlsae_batch = (routing.image_flags(flags, n_images), crops, asked)
         try:
             return super().embed_multimodal(**kwargs)
         finally:
@@ -158,8 +188,16 @@ class _GuardedModel:
 
     def _vlsae_on_projector(self, module: nn.Module, args, output: Tensor) -> Tensor | None:
         intervention = self.vlsae_intervention
-        flags, crops = self._vlsae_batch or (None, None)
+        flags, crops, asked = self._vlsae_batch or (None, None, None)
         rows = output.numel() // output.shape[-1]
+        if isinstance(intervention, CueMask):
+            new = routing.mask_cues(intervention, output, flags, crops, asked)
+            self.vlsae_stats.calls += 1
+            if self.vlsae_settings.log is not None:
+                result = output if new is None else new
+                changed = 0 if new is None else int((new != output).any(-1).sum())
+                _log(self.vlsae_settings.log, result, flags, crops, rows, changed)
+            return new
         if flags is None:  # no per-image field (e.g. a dummy batch): the server's default
             mask = torch.full((rows,), self.vlsae_settings.default, dtype=torch.bool)
         elif bool(flags.all()) or not bool(flags.any()):

@@ -4,7 +4,8 @@ vLLM hands ``embed_multimodal`` the pixels of every image scheduled in a step, f
 requests at once, plus our per-image flag. The projector sees them stacked: LLaVA as
 ``(images, tokens, d)``, LLaVA-NeXT as ``(crops, tokens, d)`` with a variable number of crops
 per image, and some code paths flattened to ``(rows, d)``. These helpers map the flags onto
-those rows; the math itself is :class:`vlsae_guard.core.intervention.ProjectorIntervention`. Kept
+those rows; the math itself is :class:`vlsae_guard.core.intervention.ProjectorIntervention` (and
+:class:`vlsae_guard.core.cue_mask.CueMask`). Kept
 free of vLLM so that they are tested in the fast suite.
 """
 
@@ -38,6 +39,43 @@ def image_flags(value: object, n_images: int | None) -> Tensor | None:
             f"{flags.numel()} guard flags for {n_images} images in this batch"
         )
     return flags
+
+
+def image_values(value: object, n_images: int | None) -> Tensor | None:
+    """Per-image integers from a batched request field (cue masking's asked object index)."""
+    if value is None:
+        return None
+    if torch.is_tensor(value):
+        values = value.reshape(-1).to("cpu", torch.long)
+    elif isinstance(value, list | tuple):
+        values = torch.tensor([int(torch.as_tensor(v).item()) for v in value], dtype=torch.long)
+    else:
+        raise ProjectorLayoutError(f"expected per-image values, found {type(value).__name__}")
+    if n_images is not None and values.numel() != n_images:
+        raise ProjectorLayoutError(f"{values.numel()} values for {n_images} images in this batch")
+    return values
+
+
+def mask_cues(
+    cue_mask: Callable, output: Tensor, flags: Tensor | None, crops, asked: Tensor | None
+) -> Tensor | None:
+    """Cue masking over a vLLM batch: each guarded image's asked object (index, -1: none) is
+    passed with its rows; None when nothing is masked (a dummy batch, the switch off, no object
+    asked, no cue in the image)."""
+    if flags is None or asked is None:
+        return None
+    picks = [int(a) if bool(f) and int(a) >= 0 else None for f, a in zip(flags, asked, strict=True)]
+    if all(p is None for p in picks):
+        return None
+    if crops is None:
+        raise ProjectorLayoutError(
+            "cue masking needs each image's projector rows, but this batch's pixel_values "
+            "layout does not say them"
+        )
+    token_mask(flags, crops, output.shape)  # checks that the rows add up
+    rows = output if output.dim() == 3 else output.reshape(sum(crops), -1, output.shape[-1])
+    new = cue_mask(rows, torch.as_tensor(list(crops)), picks)
+    return None if new is None else new.reshape(output.shape)
 
 
 def crops_per_image(pixel_values: object) -> list[int] | None:

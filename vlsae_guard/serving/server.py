@@ -28,7 +28,7 @@ from pathlib import Path
 
 from ..core.checkpoint import CONFIG_NAME, check_compatible, read_config, resolve
 from .plugin import GUARDED
-from .settings import ServeSettings
+from .settings import PluginConfigError, ServeSettings
 
 API_SERVER = "vllm.entrypoints.openai.api_server"
 TRUST_FLAG = "--trust-request-mm-kwargs"
@@ -124,6 +124,16 @@ def prepare(model: str, settings: ServeSettings, vllm_args: Sequence[str]):
     config = model_config(model)
     architecture = guarded_architecture(config)
     check_sae(settings.sae, config)
+    try:
+        objects = settings.object_map()
+    except PluginConfigError as e:
+        raise ServeError(str(e)) from e
+    n_concepts = read_config(resolve(settings.sae) / CONFIG_NAME).n_concepts
+    if objects is not None and objects.n_concepts != n_concepts:
+        raise ServeError(
+            f"{settings.sae}: the object map was fitted on {objects.n_concepts} concepts, the "
+            f"SAE has {n_concepts}"
+        )
     command = server_command(model, architecture, vllm_args)
     env = {k: v for k, v in os.environ.items() if not k.startswith("VLSAE_GUARD_")}
     env.update(settings.to_env())

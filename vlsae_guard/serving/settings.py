@@ -18,7 +18,9 @@ from typing import Literal
 
 from pydantic import Field, ValidationError, model_validator
 
+from ..core.cue_mask import object_map_path
 from ..core.intervention import GuardConfig
+from ..core.object_evidence import ObjectConcepts
 from ..validation import FrozenSettings, describe_validation_error
 
 PREFIX = "VLSAE_GUARD_"
@@ -40,6 +42,11 @@ _FIELD_ENV = {ENV_MODE: "mode", ENV_REWRITE: "rewrite", ENV_METHOD: "rewrite", E
 
 # The per-request switch: ``mm_processor_kwargs={"vlsae_guard": true|false}``.
 REQUEST_KEY = "vlsae_guard"
+# Cue masking: the object the prompt asks about, which the processor reads off the prompt and
+# adds to the request's processor kwargs itself (never the client: a vlsae_* key is refused),
+# so that it enters vLLM's multimodal hash and the caches keep one prompt's masked image
+# features from another prompt about the same image.
+ASKED_KEY = "vlsae_asked_object"
 ALLOW_FLAG = "--vlsae-allow-request-kwargs"
 # Settings a client might try to set per request -> how the operator sets them.
 _FLAGS = ("alpha", "rewrite", "mode", "steer", "text_grounded", "layer")
@@ -86,11 +93,9 @@ class ServeSettings(FrozenSettings):
                 "requests (docs/serving.md, 'Methods under vLLM'); use mode 'projector' (the "
                 "default), or paper mode with the transformers backend"
             )
-        dependent = "mode 'cue-mask'" if self.guard.mode == "cue-mask" else None
-        dependent = "text_grounded" if self.guard.text_grounded else dependent
-        if dependent:
+        if self.guard.text_grounded:
             raise ValueError(
-                f"{dependent} is not supported under vLLM: its encoder cache keys projector "
+                "text_grounded is not supported under vLLM: its encoder cache keys projector "
                 "outputs by image, not by prompt, so a prompt-dependent guard would be reused "
                 "for other prompts"
             )
@@ -99,6 +104,15 @@ class ServeSettings(FrozenSettings):
     @property
     def enabled(self) -> bool:
         return self.sae is not None
+
+    def object_map(self) -> ObjectConcepts | None:
+        """Cue masking's object map (None in the other modes); a problem is a config error."""
+        if self.guard.mode != "cue-mask" or not self.enabled:
+            return None
+        try:
+            return ObjectConcepts.load(object_map_path(self.guard, self.sae))
+        except ValueError as e:
+            raise PluginConfigError(f"{self.sae}: {e}") from e
 
     def resolve_request(self, value: object) -> bool:
         """Whether a request's images are guarded, from its switch (``None``: it did not say)."""
