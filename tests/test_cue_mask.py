@@ -142,6 +142,8 @@ def test_cue_mask_is_a_method_and_refuses_before_attaching(
         guard(model, tiny_sae_dir, method="cue-mask", tokenizer=processor.tokenizer)
     with pytest.raises(methods.MethodError, match="do not apply to mode 'cue-mask'"):
         methods.attach("cue-mask", model, cue_sae_dir, alpha=0.5)
+    with pytest.raises(GuardError, match="tokenizer= is read by mode 'cue-mask' only"):
+        guard(model, cue_sae_dir, tokenizer=processor.tokenizer)
     assert dict(detect(model).projector()._forward_hooks) == hooks
     assert methods.METHODS["cue-mask"].needs_sae
     with pytest.raises(ValueError, match="runs mode 'cue-mask', not 'paper'"):
@@ -208,3 +210,44 @@ def test_background_fill_is_the_mean_of_the_images_unmasked_tokens(
         background = plain[i][~hide].mean(0)
         assert torch.allclose(masked[i][hide], background.expand(int(hide.sum()), -1), atol=1e-5)
         assert torch.equal(masked[i][~hide], plain[i][~hide])
+
+
+@pytest.mark.parametrize("family", ["hf", "next", "llava"])
+def test_each_family_masks_the_rows_of_the_sample_that_asks(
+    request, family, cue_sae_dir, tiny_images
+):
+    """LLaVA-NeXT projects several crops per image and the original llava code splices the
+    images itself: the masked rows are exactly those of the sample asking about the kite."""
+    from test_guard import hf_inputs, llava_inputs
+
+    questions = ["Is there a kite in the image?", "Is there a dog in the image?"]
+    if family == "llava":
+        model, tokenizer = request.getfixturevalue("llava_model_and_tokenizer")
+        inputs = llava_inputs(model, tokenizer, tiny_images[:2], questions)
+    else:
+        fixture = "hf_model_and_processor" if family == "hf" else "next_model_and_processor"
+        model, processor = request.getfixturevalue(fixture)
+        tokenizer = processor.tokenizer
+        inputs = hf_inputs(processor, tiny_images[:2], questions)
+
+    def projected_rows() -> torch.Tensor:
+        seen = []
+        hook = detect(model).projector().register_forward_hook(lambda m, a, o: seen.append(o))
+        try:
+            with torch.no_grad():
+                model.generate(**inputs, max_new_tokens=1, do_sample=False)
+        finally:
+            hook.remove()
+        out = torch.cat(seen)  # the original code may project image by image
+        return out.reshape(-1, out.shape[-2], out.shape[-1]) if out.dim() == 3 else out[None]
+
+    plain = projected_rows()
+    with guard(model, cue_sae_dir, method="cue-mask", tokenizer=tokenizer):
+        masked = projected_rows()
+    bias = load_sae(cue_sae_dir).decoder_for("vision").bias
+    hidden = [bool(torch.allclose(row, bias.expand_as(row))) for row in masked]
+    untouched = [bool(torch.equal(a, b)) for a, b in zip(masked, plain, strict=True)]
+    half = len(plain) // 2  # the two images have one size: as many rows (crops) each
+    assert half >= 1 and (family != "next" or half > 1)
+    assert all(hidden[:half]) and all(untouched[half:]) and not any(hidden[half:])
+    assert torch.equal(projected_rows(), plain)

@@ -67,7 +67,6 @@ class GuardHandle:
         self.model = model
         self.backend = backend
         self.intervention = intervention
-        self._config = intervention.config
         self.paper = (
             PaperState(intervention) if isinstance(intervention, PaperIntervention) else None
         )
@@ -84,7 +83,7 @@ class GuardHandle:
 
     @property
     def config(self) -> GuardConfig:
-        return self._config
+        return self.intervention.config
 
     @property
     def attached(self) -> bool:
@@ -117,7 +116,8 @@ class GuardHandle:
 
     @property
     def method(self) -> str:
-        """The inference method's name (:mod:`vlsae_guard.methods`): ``vlsae`` or ``paper``."""
+        """The inference method's name (:mod:`vlsae_guard.methods`): ``vlsae``, ``paper`` or
+        ``cue-mask``."""
         return {"paper": "paper", "cue-mask": "cue-mask"}.get(self.config.mode, "vlsae")
 
     @torch.no_grad()
@@ -327,6 +327,8 @@ def guard(
         config = config if config is not None else GuardConfig(**settings)
     except ValidationError as e:
         raise GuardError(f"invalid guard settings:\n{e}") from e
+    if tokenizer is not None and config.mode != "cue-mask":
+        raise GuardError(f"tokenizer= is read by mode 'cue-mask' only, not {config.mode!r}")
     if model in _ACTIVE:
         raise GuardError(
             f"this {type(model).__name__} is already guarded; call remove() on its handle "
