@@ -26,34 +26,26 @@ def image_flags(value: object, n_images: int | None) -> Tensor | None:
 
     ``None`` (no field) gives ``None``: the caller applies the server's default to all.
     """
-    if value is None:
-        return None
-    if torch.is_tensor(value):
-        flags = value.reshape(-1).to("cpu", torch.bool)
-    elif isinstance(value, list | tuple):
-        flags = torch.tensor([bool(torch.as_tensor(v).item()) for v in value], dtype=torch.bool)
-    else:
-        raise ProjectorLayoutError(f"expected per-image guard flags, found {type(value).__name__}")
-    if n_images is not None and flags.numel() != n_images:
-        raise ProjectorLayoutError(
-            f"{flags.numel()} guard flags for {n_images} images in this batch"
-        )
-    return flags
+    return _per_image(value, n_images, torch.bool, "guard flags")
 
 
 def image_values(value: object, n_images: int | None) -> Tensor | None:
     """Per-image integers from a batched request field (cue masking's asked object index)."""
+    return _per_image(value, n_images, torch.long, "values")
+
+
+def _per_image(value: object, n_images: int | None, dtype: torch.dtype, what: str):
     if value is None:
         return None
     if torch.is_tensor(value):
-        values = value.reshape(-1).to("cpu", torch.long)
+        out = value.reshape(-1).to("cpu", dtype)
     elif isinstance(value, list | tuple):
-        values = torch.tensor([int(torch.as_tensor(v).item()) for v in value], dtype=torch.long)
+        out = torch.tensor([torch.as_tensor(v).item() for v in value]).to(dtype)
     else:
-        raise ProjectorLayoutError(f"expected per-image values, found {type(value).__name__}")
-    if n_images is not None and values.numel() != n_images:
-        raise ProjectorLayoutError(f"{values.numel()} values for {n_images} images in this batch")
-    return values
+        raise ProjectorLayoutError(f"expected per-image {what}, found {type(value).__name__}")
+    if n_images is not None and out.numel() != n_images:
+        raise ProjectorLayoutError(f"{out.numel()} {what} for {n_images} images in this batch")
+    return out
 
 
 def mask_cues(
