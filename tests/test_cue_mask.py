@@ -154,6 +154,7 @@ def test_cue_mask_is_a_method_and_refuses_before_attaching(
 def test_an_object_map_is_built_from_labelled_images(tiny_hf_dir, tiny_sae_dir, tmp_path):
     from vlsae_guard.concepts.object_map import ObjectMapConfig, build_object_map
     from vlsae_guard.lab import tiny
+    from vlsae_guard.outputs import OutputError
 
     rows = []
     for i, image in enumerate(tiny.make_images(12, seed=3)):
@@ -177,6 +178,10 @@ def test_an_object_map_is_built_from_labelled_images(tiny_hf_dir, tiny_sae_dir, 
     assert ObjectConcepts.load(sae_dir / "objects.json") == fitted.model_copy(
         update={"fitted_on": {**fitted.fitted_on, "sae": str(sae_dir)}}
     )
+    blocked = tmp_path / "a-file"
+    blocked.write_text("")
+    with pytest.raises(OutputError, match="a-file/out: cannot write there"):  # before loading
+        build_object_map(config.model_copy(update={"out": blocked / "out" / "objects.json"}))
     labels.write_text('{"image": "0.png"}\n')
     assert main(argv) != 0
     with pytest.raises(ValueError, match=r"labels.jsonl:1: expected"):

@@ -17,7 +17,7 @@ from pydantic import DirectoryPath, Field, FilePath, model_validator
 from ..concepts.object_map import ObjectMapConfig
 from ..concepts.pooled import Pooling
 from ..core.checkpoint import load
-from ..outputs import check_writable, refuse_non_empty
+from ..outputs import OutputError, check_writable, refuse_non_empty
 from ..validation import Settings
 from .app import (
     UsageError,
@@ -366,7 +366,7 @@ def object_map_command(args: argparse.Namespace) -> None:
     opts = validated_flags(ObjectMapConfig, args)
     try:
         written = build_object_map(opts)
-    except ValueError as e:
+    except (ValueError, OutputError) as e:
         raise UsageError(str(e)) from e
     print(f"wrote {written}")
 

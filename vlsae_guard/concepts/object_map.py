@@ -18,6 +18,7 @@ import torch
 from PIL import Image
 from pydantic import Field
 
+from .. import outputs
 from ..backends import detect, load
 from ..core.checkpoint import check_compatible
 from ..core.checkpoint import load as load_sae
@@ -105,7 +106,10 @@ def fit_from_images(
 
 
 def build_object_map(config: ObjectMapConfig) -> Path:
-    """Fit and write the object map; returns where it was written."""
+    """Fit and write the object map; returns where it was written. The output's folder is
+    checked writable, and the labels read, before any model is loaded."""
+    out = config.out or Path(config.sae) / "objects.json"
+    outputs.check_writable(out.parent, "--out" if config.out else "--sae")
     items = read_labels(config.labels, config.images)
     sae = load_sae(config.sae).eval().to(config.device)
     model, inputs = load(config.model, device=config.device)
@@ -116,4 +120,4 @@ def build_object_map(config: ObjectMapConfig) -> Path:
     objects = fit_from_images(
         reader, sae, items, config.top, config.calibrate, config.batch_size, provenance
     )
-    return objects.save(config.out or Path(config.sae) / "objects.json")
+    return objects.save(out)

@@ -219,8 +219,8 @@ def run_demo(config: DemoConfig, progress: bool = True, log=None) -> tuple[dict,
 def _describe(guard: GuardConfig) -> str:
     if guard.mode == "cue-mask":
         return (
-            f"cue-mask, recall_floor={guard.recall_floor}, token_share={guard.token_share} "
-            "(the asked object's cues masked in the image tokens)"
+            f"cue-mask, recall_floor={guard.recall_floor}, token_share={guard.token_share}, "
+            f"fill={guard.fill} (the asked object's cues masked in the image tokens)"
         )
     if guard.mode == "paper":
         return f"paper mode, layer {guard.layer}, alpha={guard.alpha}"

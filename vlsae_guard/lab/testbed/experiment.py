@@ -99,7 +99,7 @@ class ExperimentConfig(FrozenSettings):
                 align_epochs=2,
                 align_batch_size=8,
                 object_images=48,
-            ),  # fmt: skip
+            ),
             eval=EvalConfig(
                 variants=(
                     DEFAULT_VARIANTS[0],
