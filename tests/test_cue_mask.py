@@ -182,6 +182,9 @@ def test_an_object_map_is_built_from_labelled_images(tiny_hf_dir, tiny_sae_dir, 
     blocked.write_text("")
     with pytest.raises(OutputError, match="a-file/out: cannot write there"):  # before loading
         build_object_map(config.model_copy(update={"out": blocked / "out" / "objects.json"}))
+    labels.write_text('{"image": "missing.png", "objects": ["kite"]}\n')
+    with pytest.raises(ValueError, match=r"labels.jsonl:1: no image file .*missing.png"):
+        build_object_map(config)
     labels.write_text('{"image": "0.png"}\n')
     assert main(argv) != 0
     with pytest.raises(ValueError, match=r"labels.jsonl:1: expected"):

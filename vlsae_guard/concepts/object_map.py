@@ -41,12 +41,14 @@ class ObjectMapConfig(FrozenSettings):
 
 @dataclass(frozen=True)
 class Labelled:
-    image: Image.Image
+    image: Image.Image | Path  # a path is opened when its batch is projected
     objects: frozenset[str]
 
 
 def read_labels(labels: Path, images: Path) -> list[Labelled]:
-    """The labelled images of a JSON-lines file; every problem names the file and line."""
+    """The labelled images of a JSON-lines file (paths: each image is opened only when its
+    batch is projected, so a large set is not held in memory); every problem names the file
+    and line."""
     out = []
     try:
         lines = labels.read_text().splitlines()
@@ -65,29 +67,38 @@ def read_labels(labels: Path, images: Path) -> list[Labelled]:
             ) from e
         if not isinstance(objects, list) or not all(isinstance(o, str) for o in objects):
             raise ValueError(f"{labels}:{number}: objects must be a list of names")
-        try:
-            with Image.open(images / image) as im:
-                picture = im.convert("RGB")
-        except OSError as e:
-            raise ValueError(f"{labels}:{number}: cannot open image {images / image}: {e}") from e
-        out.append(Labelled(picture, frozenset(o.strip().lower() for o in objects)))
+        if not (images / image).is_file():
+            raise ValueError(f"{labels}:{number}: no image file {images / image}")
+        out.append(Labelled(images / image, frozenset(o.strip().lower() for o in objects)))
     if len(out) < 3:
         raise ValueError(f"{labels}: {len(out)} labelled images; an object map needs more")
     return out
 
 
 @torch.inference_mode()
-def pooled_image_codes(reader: SiteReader, sae, images: list, batch_size: int) -> torch.Tensor:
+def pooled_image_codes(
+    reader: SiteReader, sae, images: list[Image.Image | Path], batch_size: int
+) -> torch.Tensor:
     """Each image's concept activations at the projector, pooled over its tokens (as cue
     masking pools them)."""
     rows = []
     for start in range(0, len(images), batch_size):
-        batch = images[start : start + batch_size]
+        batch = [_opened(image) for image in images[start : start + batch_size]]
         for vision, _ in reader(batch, [""] * len(batch), list(range(len(batch)))):
             codes = sae.encode_topk(vision.to(sae.dtype), "vision")
             owners = torch.zeros(codes.indices.shape[0], dtype=torch.long)
             rows.append(pooled_codes(codes, owners, 1)[0])
     return torch.stack(rows)
+
+
+def _opened(image: Image.Image | Path) -> Image.Image:
+    if isinstance(image, Image.Image):
+        return image
+    try:
+        with Image.open(image) as im:
+            return im.convert("RGB")
+    except OSError as e:
+        raise ValueError(f"cannot open image {image}: {e}") from e
 
 
 def fit_from_images(

@@ -119,13 +119,15 @@ class CueMask:
         tokens = x.shape[0] // int(counts.sum())
         owners = torch.repeat_interleave(torch.arange(len(counts)), counts * tokens)
         owners = owners.to(x.device)
-        image = pooled_codes(codes, owners, len(counts)) @ self.weights.T  # samples x objects
-        token = (codes.values * self.weights[:, codes.indices]).sum(-1)  # objects x rows
+        pooled = pooled_codes(codes, owners, len(counts))
+        token: dict[int, Tensor] = {}  # cue -> its evidence on every row, computed once
         hide = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
         for s, o in enumerate(asked):
             for c in self.cues[o] if o is not None else ():
-                if float(image[s, c]) < float(self.thresholds[c]):
+                if float(pooled[s] @ self.weights[c]) < float(self.thresholds[c]):
                     continue  # the cue is not in this image
+                if c not in token:
+                    token[c] = (codes.values * self.weights[c][codes.indices]).sum(-1)
                 own = owners == s
                 evidence = torch.where(own, token[c], torch.zeros_like(token[c]))
                 top = evidence.max()
