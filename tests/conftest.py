@@ -8,6 +8,7 @@ are session-scoped too: tests that hook or steer them must undo it before return
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 from dataclasses import dataclass, field
@@ -269,3 +270,13 @@ def cue_sae_dir(tiny_sae_dir, tmp_path_factory):
     shutil.copytree(tiny_sae_dir, directory)
     object_map(load_sae(directory), present=0.0).save(directory / "objects.json")
     return directory
+
+
+@pytest.fixture(scope="module")
+def restored_environ():
+    """``os.environ``, restored when the module ends (``load_llm`` writes VLSAE_GUARD_*, and the
+    engines read the environment when they start)."""
+    saved = dict(os.environ)
+    yield os.environ
+    os.environ.clear()
+    os.environ.update(saved)

@@ -7,15 +7,13 @@ same image is not served the first prompt's masked projector output.
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
 from vlsae_guard import guard
 from vlsae_guard.lab import tiny
 
-pytestmark = pytest.mark.vllm
+pytestmark = [pytest.mark.vllm, pytest.mark.usefixtures("restored_environ")]
 vllm = pytest.importorskip("vllm")
 
 from vlsae_guard.serving.client import generate_offline, load_llm  # noqa: E402
@@ -24,14 +22,6 @@ from vlsae_guard.serving.settings import ServeSettings  # noqa: E402
 KITE = "Is there a kite in the image?"  # its cue, the ball, is in every image (the test map)
 DOG = "Is there a dog in the image?"  # no cue: the image is left as it is
 IMAGES = tiny.make_images(3, seed=21)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def restore_environment():
-    saved = dict(os.environ)
-    yield
-    os.environ.clear()
-    os.environ.update(saved)
 
 
 @pytest.fixture(scope="module")

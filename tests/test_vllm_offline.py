@@ -25,13 +25,8 @@ HIDDEN = tiny.TinySizes().text_hidden
 
 
 @pytest.fixture(scope="module", autouse=True)
-def restore_environment():
-    """load_llm writes VLSAE_GUARD_*; the engines read it when they start."""
-    saved = dict(os.environ)
-    os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"  # llm.apply_model(inspect)
-    yield
-    os.environ.clear()
-    os.environ.update(saved)
+def allow_inspection(restored_environ):
+    restored_environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"  # llm.apply_model(inspect)
 
 
 @pytest.fixture(scope="module")
