@@ -84,11 +84,12 @@ def pooled_image_codes(
     rows = []
     for start in range(0, len(images), batch_size):
         batch = [_opened(image) for image in images[start : start + batch_size]]
-        for vision, _ in reader(batch, [""] * len(batch), list(range(len(batch)))):
-            codes = sae.encode_topk(vision.to(sae.dtype), "vision")
-            owners = torch.zeros(codes.indices.shape[0], dtype=torch.long)
-            rows.append(pooled_codes(codes, owners, 1)[0])
-    return torch.stack(rows)
+        vision = [v for v, _ in reader(batch, [""] * len(batch), list(range(len(batch))))]
+        codes = sae.encode_topk(torch.cat(vision).to(sae.dtype), "vision")
+        sizes = torch.tensor([len(v) for v in vision])
+        owners = torch.repeat_interleave(torch.arange(len(vision)), sizes)
+        rows.append(pooled_codes(codes, owners, len(vision)))
+    return torch.cat(rows)
 
 
 def _opened(image: Image.Image | Path) -> Image.Image:

@@ -90,12 +90,7 @@ class CueMask:
         self.sae, self.config, self.objects = sae, config, objects
         self.names = names = list(objects.objects)
         self.prompts = None if tokenizer is None else PromptObjects(tokenizer, names)
-        n = sae.n_concepts
-        weights = torch.zeros(len(names), n, dtype=sae.dtype, device=sae.device)
-        for i, name in enumerate(names):
-            entry = objects.objects[name]
-            weights[i, entry.concepts] = torch.tensor(entry.weights, dtype=sae.dtype)
-        self.weights = weights  # objects x concepts
+        self.weights = objects.weight_matrix(sae.dtype, sae.device)  # objects x concepts
         self.thresholds = torch.tensor(
             [objects.objects[c].threshold(config.recall_floor) for c in names]
         )

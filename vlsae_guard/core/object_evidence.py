@@ -111,17 +111,22 @@ class ObjectConcepts(FrozenRecord):
                 )
         return self
 
+    def weight_matrix(self, dtype: torch.dtype, device=None) -> Tensor:
+        """Objects (in map order) x concepts: each object's weights at its concepts, 0
+        elsewhere, so an object's evidence is ``pooled @ weight_matrix[i]``."""
+        out = torch.zeros(len(self.objects), self.n_concepts, dtype=dtype, device=device)
+        for i, entry in enumerate(self.objects.values()):
+            out[i, entry.concepts] = torch.tensor(entry.weights, dtype=dtype, device=device)
+        return out
+
     def evidence(self, pooled: Tensor) -> dict[str, Tensor]:
         """Each object's evidence for each row of ``pooled`` (images x concepts)."""
         if pooled.shape[-1] != self.n_concepts:
             raise ValueError(
                 f"codes have {pooled.shape[-1]} concepts, the object map {self.n_concepts}"
             )
-        out = {}
-        for name, entry in self.objects.items():
-            w = torch.tensor(entry.weights, dtype=pooled.dtype, device=pooled.device)
-            out[name] = pooled[..., entry.concepts] @ w
-        return out
+        scores = pooled @ self.weight_matrix(pooled.dtype, pooled.device).T
+        return {name: scores[..., i] for i, name in enumerate(self.objects)}
 
     def save(self, path: str | os.PathLike) -> Path:
         return outputs.write_text(path, self.model_dump_json(indent=1) + "\n")
