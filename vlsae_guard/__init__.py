@@ -6,7 +6,17 @@ from .core.checkpoint import CheckpointError, import_official
 from .core.fit import GuardFit, GuardFitWarning
 from .core.guard import GuardError, GuardHandle, guard
 from .core.intervention import GuardConfig
-from .core.sae import SAED, SAEV, VLSAE, AuxiliaryAE, Codes, SparseAutoencoder, build
+from .core.sae import (
+    SAED,
+    SAEV,
+    VLSAE,
+    AuxiliaryAE,
+    BatchTopKSAE,
+    Codes,
+    MatryoshkaSAE,
+    SparseAutoencoder,
+    build,
+)
 from .core.sae_config import AuxConfig, SAEConfig, Source
 
 __all__ = [
@@ -15,6 +25,7 @@ __all__ = [
     "VLSAE",
     "AuxConfig",
     "AuxiliaryAE",
+    "BatchTopKSAE",
     "CheckpointError",
     "GuardConfig",
     "GuardError",
@@ -23,6 +34,7 @@ __all__ = [
     "GuardHandle",
     "UnsupportedModelError",
     "Codes",
+    "MatryoshkaSAE",
     "SAEConfig",
     "Source",
     "SparseAutoencoder",

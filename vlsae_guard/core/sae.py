@@ -89,11 +89,22 @@ class SparseAutoencoder(nn.Module):
     """Shared API of all architectures: encode / decode per modality, save and load."""
 
     config: SAEConfig
+    # The modalities an architecture reads; vision-encoder SAEs read one.
+    modalities: tuple[Modality, ...] = MODALITIES
 
     def __init__(self, config: SAEConfig):
         super().__init__()
         self.config = config
         self.aux: AuxiliaryAE | None = AuxiliaryAE(config.aux) if config.aux else None
+
+    def check_modality(self, modality: str) -> None:
+        """Refuse a modality this architecture has no encoder or decoder for."""
+        _check_modality(modality)
+        if modality not in self.modalities:
+            raise ValueError(
+                f"architecture {self.config.architecture!r} reads {' and '.join(self.modalities)}"
+                f" only, not {modality}"
+            )
 
     @property
     def k(self) -> int:
@@ -127,7 +138,7 @@ class SparseAutoencoder(nn.Module):
         magnitude is strictly above the ``(n - k)``-th smallest; a tie at that value drops all
         its members, whose slots here hold 0 (fewer than k active concepts).
         """
-        _check_modality(modality)
+        self.check_modality(modality)
         if ties not in TOPK_TIES:
             raise ValueError(f"ties must be one of {TOPK_TIES}, got {ties!r}")
         if x.shape[-1] != self.config.d_in:
@@ -135,7 +146,10 @@ class SparseAutoencoder(nn.Module):
         x = x.to(self.dtype)
         if ties == "official":
             return self._reference_topk(x, modality)
-        scores = self._scores(x, modality)
+        return self._select(self._scores(x, modality))
+
+    def _select(self, scores: Tensor) -> Codes:
+        """The active concepts of each row from its scores: the k largest."""
         top, idx = scores.topk(self.k, dim=-1, sorted=False)
         return Codes(self._activation(top), idx, self.n_concepts)
 
@@ -153,7 +167,7 @@ class SparseAutoencoder(nn.Module):
 
     def decode(self, z: Tensor | Codes, modality: Modality = "vision") -> Tensor:
         """Reconstruct from dense activations or from :class:`Codes` (the fast sparse path)."""
-        _check_modality(modality)
+        self.check_modality(modality)
         decoder = self.decoder_for(modality)
         width = z.n_concepts if isinstance(z, Codes) else z.shape[-1]
         if width != self.n_concepts:
@@ -177,11 +191,10 @@ class SparseAutoencoder(nn.Module):
         ``dead`` is a bool mask over concepts; with ``k_aux > 0`` the top ``k_aux`` dead
         concepts of each row are decoded (no bias) into ``aux_recon``.
         """
-        _check_modality(modality)
+        self.check_modality(modality)
         decoder = self.decoder_for(modality)
         scores = self._scores(x.to(self.dtype), modality)
-        top, idx = scores.topk(self.k, dim=-1, sorted=False)
-        codes = Codes(self._train_activation(top), idx, self.n_concepts)
+        codes = self._train_select(scores)
         aux_recon = None
         n_dead = 0 if dead is None else int(dead.sum())
         if k_aux > 0 and n_dead > 0:
@@ -190,6 +203,11 @@ class SparseAutoencoder(nn.Module):
             dead_codes = Codes(self._train_activation(top_a), idx_a, self.n_concepts)
             aux_recon = decoder.sparse(dead_codes, bias=False)
         return TrainOutput(decoder.sparse(codes), codes, aux_recon)
+
+    def _train_select(self, scores: Tensor) -> Codes:
+        """The active concepts while training (BatchTopK selects over the batch)."""
+        top, idx = scores.topk(self.k, dim=-1, sorted=False)
+        return Codes(self._train_activation(top), idx, self.n_concepts)
 
     def _train_activation(self, top_scores: Tensor) -> Tensor:
         """:meth:`_activation` with finite gradients everywhere (for training)."""
@@ -328,7 +346,98 @@ class AuxiliaryAE(nn.Module):
         return layer(e.to(layer.weight.dtype))
 
 
-ARCHITECTURES: dict[str, type[SparseAutoencoder]] = {"vl-sae": VLSAE, "sae-v": SAEV, "sae-d": SAED}
+class BatchTopKSAE(SparseAutoencoder):
+    """BatchTopK SAE (Bussmann et al., 2024, "BatchTopK Sparse Autoencoders"), as the
+    ``dictionary_learning`` package (saprmarks/dictionary_learning) defines it and Pach et al.
+    (2025, ExplainableML/sae-for-vlm) train on CLIP's vision encoder.
+
+    ``f = relu((x - b_dec) W_enc + b_enc)``; training keeps the ``k * batch`` largest entries of
+    the whole batch, inference keeps those above ``threshold`` (a running mean of the smallest
+    kept activation), so rows have varying numbers of active concepts; ``x_hat = f W_dec + b_dec``.
+    ``decoder.bias`` is ``b_dec``. A negative threshold (never learned) keeps every positive
+    entry, as there. One modality: it reads what it was trained on, nothing shared with text.
+    """
+
+    modalities = ("vision",)
+
+    def __init__(self, config: SAEConfig):
+        super().__init__(config)
+        self.encoder = nn.Linear(config.d_in, config.n_concepts)
+        self.decoder = Decoder(config.n_concepts, config.d_in)
+        self.register_buffer("threshold", torch.tensor(-1.0))
+
+    def _scores(self, x: Tensor, modality: Modality) -> Tensor:
+        return F.relu(self.encoder(x - self.decoder.bias))
+
+    def _select(self, scores: Tensor) -> Codes:
+        """The entries above the threshold."""
+        return self._select_nonzero(scores * (scores > self.threshold))
+
+    def _reference_topk(self, x: Tensor, modality: Modality) -> Codes:
+        return self._select(self._scores(x, modality))  # the threshold rule has no ties
+
+    def _train_select(self, scores: Tensor) -> Codes:
+        """BatchTopK: the ``k * rows`` largest entries of the batch, wherever they fall."""
+        flat = scores.reshape(-1)
+        rows = flat.numel() // self.n_concepts
+        top, idx = flat.topk(min(self.k * rows, flat.numel()), sorted=False)
+        kept = torch.zeros_like(flat).scatter(0, idx, top).reshape(scores.shape)
+        return self._select_nonzero(kept)
+
+    def _select_nonzero(self, kept: Tensor) -> Codes:
+        """The non-zero entries, in as many slots as the busiest row needs (the other rows'
+        spare slots hold 0); one host sync for that width."""
+        width = max(1, int((kept > 0).sum(-1).max())) if kept.numel() else 1
+        top, idx = kept.topk(width, dim=-1, sorted=False)
+        return Codes(top, idx, self.n_concepts)
+
+    @torch.no_grad()
+    def update_threshold(self, codes: Codes, beta: float) -> None:
+        """``threshold <- beta threshold + (1 - beta) min(active)`` (the first update sets it),
+        dictionary_learning's rule; call it after a training step's BatchTopK."""
+        active = codes.values[codes.values > 0]
+        low = active.min().float() if active.numel() else torch.tensor(0.0)
+        low = low.to(self.threshold)
+        self.threshold.copy_(
+            low if self.threshold < 0 else beta * self.threshold + (1 - beta) * low
+        )
+
+    def decoder_for(self, modality: Modality) -> Decoder:
+        return self.decoder
+
+
+class MatryoshkaSAE(BatchTopKSAE):
+    """Matryoshka BatchTopK SAE (Bussmann et al., 2025, "Learning Multi-Level Features with
+    Matryoshka Sparse Autoencoders"; dictionary_learning's ``MatryoshkaBatchTopKSAE``).
+
+    The encoder and decoder are BatchTopK's; the concepts come in nested ``config.groups``, and
+    training fits every prefix of groups on its own (:meth:`prefix_reconstructions`), so the
+    first groups hold the general concepts and later ones refine them.
+    """
+
+    def group_of(self) -> Tensor:
+        """Each concept's group index (0 = the first, most general level)."""
+        sizes = torch.tensor(self.config.groups)
+        return torch.repeat_interleave(torch.arange(len(sizes)), sizes)
+
+    def prefix_reconstructions(self, codes: Codes) -> list[Tensor]:
+        """``b_dec + sum of the active concepts in groups 0..g``, for each group g."""
+        ends = torch.tensor(self.config.groups, device=codes.indices.device).cumsum(0)
+        return [
+            self.decoder.sparse(
+                Codes(codes.values * (codes.indices < end), codes.indices, codes.n_concepts)
+            )
+            for end in ends.tolist()
+        ]
+
+
+ARCHITECTURES: dict[str, type[SparseAutoencoder]] = {
+    "vl-sae": VLSAE,
+    "sae-v": SAEV,
+    "sae-d": SAED,
+    "batchtopk": BatchTopKSAE,
+    "matryoshka": MatryoshkaSAE,
+}
 
 
 def build(config: SAEConfig) -> SparseAutoencoder:

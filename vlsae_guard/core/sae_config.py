@@ -12,7 +12,11 @@ from pydantic import Field, model_validator
 
 from ..validation import FrozenRecord
 
-Architecture = Literal["vl-sae", "sae-v", "sae-d"]
+Architecture = Literal["vl-sae", "sae-v", "sae-d", "batchtopk", "matryoshka"]
+# One encoder and one decoder read by a single modality: the vision-encoder SAEs of "Sparse
+# Autoencoders Learn Monosemantic Features in Vision-Language Models" (Pach et al., 2025).
+VISION_ONLY: tuple[Architecture, ...] = ("batchtopk", "matryoshka")
+SiteName = Literal["projector", "layer", "vision_tower"]
 Modality = Literal["vision", "text"]
 MODALITIES: tuple[Modality, ...] = ("vision", "text")
 Point = Literal["input", "output"]
@@ -28,7 +32,8 @@ class Source(FrozenRecord):
     """Where the training representations came from (so a checkpoint is never applied blindly)."""
 
     model_id: str | None = None
-    site: Literal["projector", "layer"] | None = None  # None: unknown (e.g. imported)
+    site: SiteName | None = None  # None: unknown (e.g. imported)
+    # Site "layer": the language model's decoder layer; "vision_tower": the vision encoder's.
     layer: int | None = Field(default=None, ge=0)
     # Site "layer": read at the input or the output of that layer (``collect`` reads the
     # input). None: not recorded (checkpoints written before it was, imported ones).
@@ -37,8 +42,8 @@ class Source(FrozenRecord):
 
     @model_validator(mode="after")
     def _layer_matches_site(self) -> Source:
-        if self.site == "layer" and self.layer is None:
-            raise ValueError("site 'layer' needs a layer index")
+        if self.site in ("layer", "vision_tower") and self.layer is None:
+            raise ValueError(f"site {self.site!r} needs a layer index")
         if self.site == "projector" and self.layer is not None:
             raise ValueError(f"site 'projector' takes no layer index (got layer={self.layer})")
         if self.point is not None and self.site != "layer":
@@ -47,8 +52,11 @@ class Source(FrozenRecord):
 
     @property
     def place(self) -> str | None:
-        """Where the states were read, as ``collect`` names it (``projector``, ``layer:L``);
-        a layer without a recorded point is taken as its input, where ``collect`` reads."""
+        """Where the states were read, as ``collect`` names it (``projector``, ``layer:L``,
+        ``vision_tower:L``); a decoder layer without a recorded point is taken as its input,
+        where ``collect`` reads; a vision-tower layer is always read at its output."""
+        if self.site == "vision_tower":
+            return f"vision_tower:{self.layer}"
         if self.site != "layer":
             return self.site
         return layer_site(self.layer, self.point)
@@ -72,6 +80,9 @@ class SAEConfig(FrozenRecord):
     k: int = Field(ge=1)
     source: Source = Source()
     aux: AuxConfig | None = None
+    # Matryoshka: the nested groups' sizes (concepts [0, g1) first, then [g1, g1 + g2), ...);
+    # a prefix of groups is a smaller SAE on its own. Sums to n_concepts.
+    groups: list[int] | None = None
     # Concepts that fire for both modalities on the training data; the guard keeps only these.
     shared_concepts: list[int] | None = None
     # Training statistics (explained variance, L0, dead fraction, ...), informational.
@@ -89,6 +100,23 @@ class SAEConfig(FrozenRecord):
                 )
             if len(set(self.shared_concepts)) != len(self.shared_concepts):
                 raise ValueError("shared_concepts contains duplicates")
+        if (self.architecture == "matryoshka") != (self.groups is not None):
+            raise ValueError(
+                "groups (the nested group sizes) are given for, and only for, "
+                f"architecture 'matryoshka' (architecture {self.architecture!r})"
+            )
+        if self.groups is not None and (
+            sum(self.groups) != self.n_concepts or min(self.groups) < 1
+        ):
+            raise ValueError(
+                f"groups must be positive sizes summing to n_concepts ({self.n_concepts}), "
+                f"got {self.groups}"
+            )
+        if self.architecture in VISION_ONLY and (self.aux or self.shared_concepts is not None):
+            raise ValueError(
+                f"architecture {self.architecture!r} reads one modality: it has no auxiliary "
+                "AE and no concepts shared with text"
+            )
         if self.aux is not None and self.aux.d_proj != self.d_in:
             raise ValueError(
                 f"aux.d_proj ({self.aux.d_proj}) must equal d_in ({self.d_in}): "
