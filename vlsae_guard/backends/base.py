@@ -199,6 +199,36 @@ class Backend:
     def embed(self, input_ids: Tensor) -> Tensor:
         return self.model.get_input_embeddings()(input_ids)
 
+    def vision_tower(self) -> nn.Module:
+        """The image encoder (CLIP's vision transformer) whose features the projector reads."""
+        raise NotImplementedError
+
+    def vision_layers(self) -> nn.ModuleList:
+        """The vision encoder's transformer layers (``vision_tower:L`` is layer L's output)."""
+        for name, module in self.vision_tower().named_modules():
+            if name.endswith("encoder.layers") and isinstance(module, nn.ModuleList):
+                return module
+        raise UnsupportedModelError(f"{self.name}: cannot find the vision encoder's layers")
+
+    def vision_feature_layer(self) -> int:
+        """The last vision layer whose output the projector reads (LLaVA's
+        ``vision_feature_layer``, an index into the encoder's hidden states: 0 is the embeddings,
+        i the output of layer i - 1)."""
+        select = self._vision_select_layer()
+        n = len(self.vision_layers())
+        indices = select if isinstance(select, list | tuple) else [select]
+        return max(i % (n + 1) for i in indices) - 1
+
+    def _vision_select_layer(self) -> int | list[int]:
+        raise NotImplementedError
+
+    def vision_width(self) -> int:
+        """Width of the vision encoder's hidden states (its layers' LayerNorm width)."""
+        norms = [m for m in self.vision_layers()[0].modules() if isinstance(m, nn.LayerNorm)]
+        if not norms:
+            raise UnsupportedModelError(f"{self.name}: the vision layers have no LayerNorm")
+        return norms[0].normalized_shape[-1]
+
     def out_features(self) -> int:
         """Width of the projector output, read from its last linear layer."""
         linears = [m for m in self.projector().modules() if isinstance(m, nn.Linear)]

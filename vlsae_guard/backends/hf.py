@@ -73,6 +73,12 @@ class HFLlava(Backend):
     def language_model(self) -> nn.Module:
         return _find(self.model, "language_model")
 
+    def vision_tower(self) -> nn.Module:
+        return _find(self.model, "vision_tower")
+
+    def _vision_select_layer(self) -> int | list[int]:
+        return self.model.config.vision_feature_layer
+
     def image_token_id(self) -> int:
         return _image_token_id(self.model)
 

@@ -53,6 +53,12 @@ class OriginalLlava(Backend):
     def language_model(self) -> nn.Module:
         return self.model.get_model()
 
+    def vision_tower(self) -> nn.Module:
+        return self.model.get_vision_tower()
+
+    def _vision_select_layer(self) -> int:
+        return self.model.get_vision_tower().select_layer
+
     def image_token_id(self) -> int:
         return IMAGE_TOKEN_INDEX
 

@@ -33,6 +33,7 @@ from .object_evidence import ObjectConcepts
 from .paper import FusionProcessor, PaperIntervention, PaperState
 from .sae import SparseAutoencoder
 from .sae_config import Point, layer_site
+from .vision_tower import VisionTowerIntervention
 
 # Models currently guarded, so a second guard() is refused instead of stacking hooks.
 _ACTIVE: weakref.WeakKeyDictionary[nn.Module, GuardHandle] = weakref.WeakKeyDictionary()
@@ -60,7 +61,7 @@ class GuardHandle:
         self,
         model: nn.Module,
         backend: Backend,
-        intervention: ProjectorIntervention | PaperIntervention | CueMask,
+        intervention: ProjectorIntervention | PaperIntervention | CueMask | VisionTowerIntervention,
         min_fit: float = DEFAULT_MIN_FIT,
         strict: bool = False,
     ):
@@ -98,6 +99,12 @@ class GuardHandle:
                 hook = layer.register_forward_pre_hook(self._on_layer_input, with_kwargs=True)
             self._undo.append(hook.remove)
             self._undo.append(self.backend.capture_layout(self._on_layout))
+        elif isinstance(self.intervention, VisionTowerIntervention):
+            layer = self.backend.vision_layers()[self.config.vision_layer]
+            # First in line: transformers records hidden states (LLaVA reads its image features
+            # from them) with its own forward hooks, which must see the rewritten output.
+            hook = layer.register_forward_hook(self._on_vision_layer, prepend=True)
+            self._undo.append(hook.remove)
         elif isinstance(self.intervention, CueMask):
             projector = self.backend.projector()
             self._undo.append(projector.register_forward_hook(self._on_cue_projector).remove)
@@ -278,6 +285,17 @@ class GuardHandle:
         tokens = output.shape[-2] if output.dim() == 3 else output.shape[0]
         return self.backend.rows_per_sample(self._prompt, rows, tokens), tokens
 
+    def _on_vision_layer(self, module: nn.Module, args, output):
+        if not self.enabled or self.config.is_identity:
+            return None
+        hidden = output[0] if isinstance(output, tuple) else output
+        if self.fit is None:
+            self._measure_fit(self.config.site, hidden, None)
+        self.stats.calls += 1
+        self.stats.image_tokens += hidden.numel() // hidden.shape[-1]
+        new = self.intervention(hidden)
+        return (new, *output[1:]) if isinstance(output, tuple) else new
+
     def _on_cue_prompt(self, prompt: Prompt) -> None:
         if self.enabled:
             self._prompt = prompt
@@ -344,7 +362,8 @@ def guard(
     else:
         sae = load(sae)
     _check_fits(backend, sae, config)
-    device = next(backend.projector().parameters()).device
+    hooked = backend.projector() if config.vision_layer is None else backend.vision_layers()
+    device = next(hooked.parameters()).device
     dtype = getattr(torch, config.sae_dtype) if config.sae_dtype else sae.dtype
     if sae.device != device or sae.dtype != dtype:
         # Never move or cast the caller's SAE behind their back (the auxiliary AE goes along).
@@ -355,6 +374,8 @@ def guard(
             intervention = _cue_mask(model, sae, config, source, tokenizer)
         elif config.mode == "paper":
             intervention = PaperIntervention(sae, config)
+        elif config.vision_layer is not None:
+            intervention = VisionTowerIntervention(sae, config)
         else:
             intervention = ProjectorIntervention.build(sae, config)
     except ValueError as e:
@@ -382,6 +403,8 @@ def _cue_mask(model, sae, config: GuardConfig, source: str | None, tokenizer) ->
 
 def _check_fits(backend: Backend, sae: SparseAutoencoder, config: GuardConfig) -> None:
     """Every reason this SAE cannot guard this model, raised before anything is attached."""
+    if config.vision_layer is not None:
+        return _check_vision_layer(backend, sae, config.vision_layer)
     projector = config.mode != "paper"
     try:
         check_compatible(
@@ -412,4 +435,21 @@ def _check_fits(backend: Backend, sae: SparseAutoencoder, config: GuardConfig) -
             "exact=True re-runs the full sequence without the KV cache, which the original llava "
             "package's generate() cannot do (it starts from inputs_embeds); use the transformers "
             "backend or exact=False"
+        )
+
+
+def _check_vision_layer(backend: Backend, sae: SparseAutoencoder, layer: int) -> None:
+    """The layer exists, its output reaches the language model, and the SAE reads its width."""
+    site = f"vision_tower:{layer}"
+    try:
+        check_compatible(
+            sae.config, "vision_tower", f"site {site!r}", backend.vision_width(), "the vision tower"
+        )
+    except ValueError as e:
+        raise GuardError(str(e)) from e
+    read = backend.vision_feature_layer()
+    if layer > read:
+        raise GuardError(
+            f"site {site!r}: the model reads its image features from the output of vision layer "
+            f"{read} (of {len(backend.vision_layers())}), so a later layer changes nothing"
         )

@@ -11,11 +11,12 @@ import warnings
 from typing import Literal
 
 import torch
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 from torch import Tensor
 
 from ..validation import FrozenSettings
 from .sae import Codes, SparseAutoencoder, TopKTies
+from .sae_config import vision_tower_layer
 
 # |steer value| bound: concept activations of real SAEs are O(1-100); the bound keeps a typo
 # (1e308) from overflowing to inf in the SAE's dtype and emptying every answer.
@@ -47,6 +48,14 @@ class GuardConfig(FrozenSettings):
     shared_concepts: list[int] | None = None
     # Clamp concepts on the vision tokens: {concept index: activation value in +-MAX_STEER}.
     steer: dict[int, float] = Field(default_factory=dict)
+    # Where: the projector's output, or ``vision_tower:L``, the output of the vision encoder's
+    # layer L (the vision-encoder SAEs of Pach et al., 2025; :mod:`.vision_tower`), where the
+    # tokens become the SAE's reconstruction with ``steer``'s concepts clamped.
+    site: str = "projector"
+    # vision_tower: zero every other concept before clamping (the paper's ``pre_zero``) ...
+    pre_zero: bool = False
+    # ... and add back the SAE's error x - D(E(x)), so only the clamps change the tokens.
+    keep_error: bool = False
 
     # -- paper mode (decoder layer L, the VL-SAE paper's inference) ---------------------------
     layer: int | None = Field(default=None, ge=0)
@@ -89,8 +98,21 @@ class GuardConfig(FrozenSettings):
             data = _mode_from_method(data)
             if data.get("alpha") is None:
                 default = {"paper": 0.8, "cue-mask": 0.0}.get(data.get("mode"), 0.5)
+                if data.get("site", "projector") != "projector":
+                    default = 0.0  # the vision tower's rewrite has no strength
                 data = {**data, "alpha": default}
         return data
+
+    @field_validator("site")
+    @classmethod
+    def _site(cls, site: str) -> str:
+        layer = vision_tower_layer(site)
+        return site if layer is None else f"vision_tower:{layer}"
+
+    @property
+    def vision_layer(self) -> int | None:
+        """L of site ``vision_tower:L``; None at the projector."""
+        return vision_tower_layer(self.site)
 
     @model_validator(mode="after")
     def _check_mode(self) -> GuardConfig:
@@ -111,8 +133,18 @@ class GuardConfig(FrozenSettings):
             ]
         if self.mode == "cue-mask" and self.alpha:
             wrong.append("alpha")
+        if self.mode == "projector" and self.site == "projector":
+            wrong += [n for n in _VISION_TOWER if getattr(self, n)]
         if wrong:
-            raise ValueError(f"{wrong} do not apply to mode {self.mode!r}")
+            raise ValueError(f"{wrong} do not apply to mode {self.mode!r} at site {self.site!r}")
+        if self.site != "projector":
+            wrong = [n for n in _PROJECTOR[:3] if n in self.model_fields_set]
+            wrong += ["alpha"] * bool(self.alpha) + ["mode"] * (self.mode != "projector")
+            if wrong:
+                raise ValueError(
+                    f"{wrong} do not apply at site {self.site!r}: there the tokens become the "
+                    "SAE's reconstruction, with steer, pre_zero and keep_error"
+                )
         if self.mode == "paper" and self.layer is None:
             raise ValueError("mode 'paper' needs layer=L (the decoder layer to hook)")
         return self
@@ -120,6 +152,8 @@ class GuardConfig(FrozenSettings):
     @property
     def is_identity(self) -> bool:
         """True when the hook would change nothing, so it is skipped (bit-exact outputs)."""
+        if self.site != "projector":
+            return self.keep_error and not self.pre_zero and not self.steer
         return self.mode != "cue-mask" and self.alpha == 0.0 and not self.steer
 
 
@@ -127,10 +161,11 @@ GUARD_MODES = ("projector", "paper", "cue-mask")
 _PAPER = ("layer", "point", "beta", "c_alpha", "c_beta", "exact", "sae_dtype", "topk_ties")
 _CUES = ("objects", "recall_floor", "min_conditional", "min_lift", "token_share", "fill")
 _PROJECTOR = ("rewrite", "text_grounded", "shared_concepts", "steer")
+_VISION_TOWER = ("pre_zero", "keep_error")  # besides steer; only at site vision_tower:L
 _ONLY = {  # the fields a mode refuses when they are given
     "projector": _PAPER + _CUES,
-    "paper": _PROJECTOR + _CUES,
-    "cue-mask": _PAPER + _PROJECTOR,
+    "paper": _PROJECTOR + _CUES + _VISION_TOWER,
+    "cue-mask": _PAPER + _PROJECTOR + _VISION_TOWER,
 }
 REWRITES = ("replace", "edit")
 # guard(..., method=...): the inference method's name for each guard mode
@@ -185,9 +220,7 @@ class ProjectorIntervention:
         self.sae = sae
         self.config = config
         self.shared = shared.to(sae.device)
-        steer = config.steer
-        self._steer_idx = torch.tensor(list(steer), dtype=torch.long, device=sae.device)
-        self._steer_val = torch.tensor(list(steer.values()), dtype=sae.dtype, device=sae.device)
+        self._steer_idx, self._steer_val = steer_tensors(config.steer, sae)
 
     @classmethod
     def build(cls, sae: SparseAutoencoder, config: GuardConfig) -> ProjectorIntervention:
@@ -256,11 +289,19 @@ class ProjectorIntervention:
                 dropped = Codes(codes.values * ~keep, codes.indices, codes.n_concepts)
                 out = x - cfg.alpha * decoder.sparse(dropped, bias=False)
         if cfg.steer:
-            out = out + self._steer_delta(codes, decoder.weight)
+            out = out + steer_delta(codes, decoder.weight, self._steer_idx, self._steer_val)
         return out.to(feats.device, dtype).reshape(shape)
 
-    def _steer_delta(self, codes: Codes, weight: Tensor) -> Tensor:
-        """``sum_j (s_j - z_j) w_j``: clamps concept j to s_j, every other concept untouched."""
-        hit = codes.indices.unsqueeze(-1) == self._steer_idx  # (rows, k, n_steer)
-        current = (codes.values.unsqueeze(-1) * hit).sum(-2)  # (rows, n_steer)
-        return (self._steer_val - current) @ weight[self._steer_idx]
+
+def steer_tensors(steer: dict[int, float], sae: SparseAutoencoder) -> tuple[Tensor, Tensor]:
+    """The clamped concepts and their values, on the SAE's device and in its dtype."""
+    index = torch.tensor(list(steer), dtype=torch.long, device=sae.device)
+    return index, torch.tensor(list(steer.values()), dtype=sae.dtype, device=sae.device)
+
+
+def steer_delta(codes: Codes, weight: Tensor, index: Tensor, value: Tensor) -> Tensor:
+    """``sum_j (s_j - z_j) w_j``: clamps concept ``index[i]`` to ``value[i]``, every other
+    concept untouched (``weight``: the decoder's rows)."""
+    hit = codes.indices.unsqueeze(-1) == index  # (rows, k, n_steer)
+    current = (codes.values.unsqueeze(-1) * hit).sum(-2)  # (rows, n_steer)
+    return (value - current) @ weight[index]

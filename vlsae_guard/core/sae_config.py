@@ -28,6 +28,19 @@ def layer_site(layer: int, point: Point | None) -> str:
     return f"layer:{layer + (point == 'output')}"
 
 
+def vision_tower_layer(site: str) -> int | None:
+    """L of a ``vision_tower:L`` site name, None for ``projector``; anything else is refused."""
+    if site == "projector":
+        return None
+    name, _, layer = site.partition(":")
+    if name != "vision_tower" or not layer.isdigit():
+        raise ValueError(
+            f"site {site!r}: expected 'projector' or 'vision_tower:L' (L: the vision encoder's "
+            "layer whose output is rewritten, e.g. vision_tower:22 for LLaVA-1.5)"
+        )
+    return int(layer)
+
+
 class Source(FrozenRecord):
     """Where the training representations came from (so a checkpoint is never applied blindly)."""
 

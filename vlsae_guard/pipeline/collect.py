@@ -7,6 +7,8 @@ Sites (the same ones the guard reads):
 * ``layer:L`` (the VL-SAE paper): the prompt ``"<image>\\n{caption}"`` in the model's
   conversation template; vision = the image positions, text = the positions after the image,
   both at the *input* of decoder layer L.
+* ``vision_tower:L`` (Pach et al., 2025): the *output* of the vision encoder's layer L, every
+  token of every crop (CLS first); no text rows (captions are not read).
 
 Each batch runs one forward pass that a hook at the site ends by raising :class:`_Stop`: the
 vision tower and, for ``layer:L``, layers ``0..L-1`` run; layers ``L..`` and the LM head never do.
@@ -30,6 +32,7 @@ from pydantic import Field, field_validator, model_validator
 from torch import Tensor, nn
 
 from ..backends import Inputs, detect, load, move, num_layers, read_model_config, resolve_dtype
+from ..core.sae_config import vision_tower_layer
 from ..provenance import environment, sha256_dir
 from ..validation import Settings
 from .distributed import Dist
@@ -47,7 +50,7 @@ class CollectConfig(Settings):
     model: str  # local folder or Hub id of a LLaVA checkpoint
     out: Path
     data: DataConfig
-    site: str = "projector"  # "projector" or "layer:L"
+    site: str = "projector"  # "projector", "layer:L" or "vision_tower:L"
     pooling: Literal["token", "mean"] = "token"
     tokens_per_image: int | None = Field(default=None, ge=1)  # random subsample (token pooling)
     batch_size: int = Field(default=16, ge=1)
@@ -68,9 +71,12 @@ class CollectConfig(Settings):
         if site == "projector":
             return site
         name, _, layer = site.partition(":")
-        if name != "layer" or not layer.isdigit():
-            raise ValueError("expected 'projector' or 'layer:L' with L a layer index")
-        return f"layer:{int(layer)}"
+        if name not in ("layer", "vision_tower") or not layer.isdigit():
+            raise ValueError(
+                "expected 'projector', 'layer:L' (decoder layer L's input) or 'vision_tower:L' "
+                "(vision encoder layer L's output), L a layer index"
+            )
+        return f"{name}:{int(layer)}"
 
     @field_validator("prompt")
     @classmethod
@@ -90,6 +96,10 @@ class CollectConfig(Settings):
     @property
     def layer(self) -> int | None:
         return int(self.site.split(":")[1]) if self.site.startswith("layer:") else None
+
+    @property
+    def vision_layer(self) -> int | None:
+        return vision_tower_layer(self.site) if self.site.startswith("vision_tower:") else None
 
     def shard_pairs(self) -> int:
         if self.pairs_per_shard is not None:
@@ -116,6 +126,7 @@ class SiteReader:
         tokens_per_image: int | None = None,
         seed: int = 0,
         prompt: str | None = None,
+        vision_layer: int | None = None,
     ):
         self.model = model
         self.inputs = inputs
@@ -130,10 +141,22 @@ class SiteReader:
                 f"layer {layer} does not exist: the language model has "
                 f"{len(self.backend.decoder_layers())} decoder layers"
             )
+        self.vision_layer = vision_layer
+        n_vision = len(self.backend.vision_layers()) if vision_layer is not None else 0
+        if vision_layer is not None and not 0 <= vision_layer < n_vision:
+            raise ValueError(
+                f"vision layer {vision_layer} does not exist: the vision encoder has {n_vision}"
+            )
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
 
+    @property
+    def reads_text(self) -> bool:
+        return self.vision_layer is None
+
     def dims(self) -> dict[str, int]:
+        if self.vision_layer is not None:
+            return {"vision": self.backend.vision_width(), "text": 0}
         hidden = self.backend.hidden_size()
         vision = self.backend.out_features() if self.layer is None else hidden
         return {"vision": vision, "text": hidden}
@@ -147,7 +170,10 @@ class SiteReader:
     def __call__(
         self, images: list, captions: list[str], indices: list[int]
     ) -> list[tuple[Tensor, Tensor]]:
-        if self.layer is None:
+        if self.vision_layer is not None:
+            vision = self._projector(images, self.backend.vision_layers()[self.vision_layer])
+            text = [torch.zeros(0, 0, dtype=self.dtype)] * len(images)
+        elif self.layer is None:
             vision = self._projector(images)
             text = self._embeddings(captions)
         else:
@@ -168,23 +194,31 @@ class SiteReader:
                 undo()
         raise RuntimeError("the forward pass never reached the collection site")
 
-    def _projector(self, images: list) -> list[Tensor]:
+    def _projector(self, images: list, vision_layer: nn.Module | None = None) -> list[Tensor]:
+        """Each image's projector rows; with ``vision_layer``, that layer's output rows of the
+        same crops instead (the projector still runs, to say which crops are whose)."""
         seen: dict[str, Any] = {}
 
         def on_output(module, args, output):
             seen["out"] = output
             raise _Stop
 
+        def on_vision(module, args, output):
+            seen["vision"] = output[0] if isinstance(output, tuple) else output
+
         hooks = [
             self.backend.capture_prompt(lambda prompt: seen.setdefault("prompt", prompt)),
             self.backend.projector().register_forward_hook(on_output).remove,
         ]
+        if vision_layer is not None:
+            hooks.append(vision_layer.register_forward_hook(on_vision).remove)
         batch = self.inputs.batch(images, [self.inputs.image_prompt()] * len(images))
         self._run(batch, hooks)
         out = seen["out"]
         out = out if out.dim() == 3 else out.unsqueeze(0)
         counts = self.backend.rows_per_sample(seen["prompt"], out.shape[0], out.shape[1])
-        return [rows.reshape(-1, out.shape[-1]) for rows in out.split(counts.tolist())]
+        rows = out if vision_layer is None else seen["vision"]
+        return [r.reshape(-1, rows.shape[-1]) for r in rows.split(counts.tolist())]
 
     def _embeddings(self, captions: list[str]) -> list[Tensor]:
         ids = self.inputs.caption_ids(captions)
@@ -283,6 +317,7 @@ def collect(
         config.tokens_per_image,
         config.seed,
         config.prompt,
+        config.vision_layer,
     )
     header = _header(config, reader, source)
     if dist.is_main:  # creates or checks the store; the other ranks attach once it exists
@@ -308,9 +343,10 @@ def _header(config: CollectConfig, reader: SiteReader, source: PairSource) -> He
         model_id=config.model,
         model_sha256=sha256_dir(model_dir) if config.hash_model and model_dir.is_dir() else None,
         backend=reader.backend.name,
-        site="projector" if config.layer is None else "layer",
-        layer=config.layer,
-        point=None if config.layer is None else "input",  # SiteReader._layer's pre-hook
+        site=config.site.partition(":")[0],
+        layer=config.layer if config.vision_layer is None else config.vision_layer,
+        # SiteReader._layer's pre-hook reads a decoder layer's input, a vision layer's output
+        point="input" if config.layer is not None else None,
         pooling=config.pooling,
         tokens_per_image=config.tokens_per_image,
         prompt=None if config.layer is None else reader.prompt_for("{caption}"),
@@ -412,7 +448,7 @@ class _ShardRows:
             pair = source[index]
             if isinstance(image, ImageError):
                 self._skip(index, pair, image.reason, str(image), result)
-            elif not pair.caption:
+            elif reader.reads_text and not pair.caption:
                 self._skip(index, pair, "empty caption", "", result)
             else:
                 good.append((index, pair, image))
@@ -421,7 +457,7 @@ class _ShardRows:
             return
         rows = reader([g[2] for g in good], [g[1].caption for g in good], [g[0] for g in good])
         for (index, pair, _), (vision, text) in zip(good, rows, strict=True):
-            if not len(text):  # e.g. a caption of nothing but special tokens
+            if reader.reads_text and not len(text):  # a caption of only special tokens
                 self._skip(index, pair, "empty caption", "no text tokens", result)
                 continue
             self.vision.append(vision)

@@ -96,8 +96,8 @@ class Header(Record):
     model_id: str
     model_sha256: str | None = None
     backend: str
-    site: Literal["projector", "layer"]
-    layer: int | None = None
+    site: Literal["projector", "layer", "vision_tower"]  # vision_tower: no text rows
+    layer: int | None = None  # the decoder layer, or the vision encoder's
     # Site "layer": where in the layer the states were read; collect reads the input. Stores
     # written before it was recorded hold None (they were read at the input too).
     point: Literal["input", "output"] | None = None
