@@ -214,10 +214,7 @@ class Backend:
         """The last vision layer whose output the projector reads (LLaVA's
         ``vision_feature_layer``, an index into the encoder's hidden states: 0 is the embeddings,
         i the output of layer i - 1)."""
-        select = self._vision_select_layer()
-        n = len(self.vision_layers())
-        indices = select if isinstance(select, list | tuple) else [select]
-        return max(i % (n + 1) for i in indices) - 1
+        return read_vision_layer(self._vision_select_layer(), len(self.vision_layers()))
 
     def _vision_select_layer(self) -> int | list[int]:
         raise NotImplementedError
@@ -286,6 +283,22 @@ class LoadedModel(NamedTuple):
     def generate(self, images, questions, generate_kwargs, runner=None) -> list[str]:
         """See :meth:`Inputs.generate`."""
         return self.inputs.generate(self.model, images, questions, generate_kwargs, runner)
+
+
+def read_vision_layer(select: int | Sequence[int], n_layers: int) -> int:
+    """The last vision layer whose output a LLaVA model reads, from its ``vision_feature_layer``
+    (one hidden-state index or several; -2 of 24 layers: layer 22)."""
+    indices = list(select) if isinstance(select, Sequence) else [select]
+    return max(i % (n_layers + 1) for i in indices) - 1
+
+
+def vision_tower_shape(hf_config) -> tuple[int, int]:
+    """From a LLaVA config alone: the vision tower's width, and the last vision layer whose
+    output the model reads (for checks made before a model is built: ``serve``, vLLM)."""
+    vision = hf_config.vision_config
+    return vision.hidden_size, read_vision_layer(
+        hf_config.vision_feature_layer, vision.num_hidden_layers
+    )
 
 
 def move(batch: dict[str, Any], device: torch.device, dtype: torch.dtype) -> dict[str, Any]:

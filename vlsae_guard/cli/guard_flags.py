@@ -53,14 +53,18 @@ def add_guard_flags(parser: argparse.ArgumentParser, prefix: str = "vlsae-") -> 
         metavar="JSON",
         help="clamp concepts, e.g. '{\"12\": 1.5}'",
     )
-    for mode, flags in (("paper", PAPER_FLAGS), ("cue-mask", CUE_FLAGS)):
+    for where, flags in (
+        ("paper mode", PAPER_FLAGS),
+        ("cue-mask mode", CUE_FLAGS),
+        ("projector mode", SITE_FLAGS),
+    ):
         for field, help in flags.items():
-            if field == "exact":
+            if field in SWITCHES:
                 kind = {"action": "store_true"}
             elif field in NUMBERS:
                 kind = {"type": float}
-            elif field == "objects":
-                kind = {"metavar": "FILE"}
+            elif field in ("objects", "site"):
+                kind = {"metavar": field.upper() if field == "site" else "FILE"}
             else:
                 kind = {"choices": field_choices(GuardConfig, field)}
             default = GuardConfig.model_fields[field].default
@@ -69,7 +73,7 @@ def add_guard_flags(parser: argparse.ArgumentParser, prefix: str = "vlsae-") -> 
             group.add_argument(
                 f"--{prefix}{field.replace('_', '-')}",
                 default=None,  # unset: GuardConfig's default
-                help=f"{mode} mode: {help} (default: {shown})",
+                help=f"{where}: {help} (default: {shown})",
                 **kind,
             )
 
@@ -95,10 +99,18 @@ CUE_FLAGS = {
     "token_share": "tokens masked: the cue's evidence above this share of the image's largest",
     "fill": "a masked token becomes the SAE's concept-free token, or the image's background",
 }
+# Where the projector mode acts, and the vision tower's settings: GuardConfig field -> help.
+SITE_FLAGS = {
+    "site": "projector, or vision_tower:L: the vision encoder's layer L output becomes the SAE's "
+    "reconstruction with the steer concepts clamped",
+    "pre_zero": "vision_tower site: zero every other concept before clamping",
+    "keep_error": "vision_tower site: add back the SAE's error, so only the clamps change tokens",
+}
+SWITCHES = ("exact", "pre_zero", "keep_error")
 NUMBERS = ("beta", "c_alpha", "c_beta", "recall_floor", "min_conditional", "min_lift",
            "token_share")  # fmt: skip
 FIELDS = ("mode", "rewrite", "method", "alpha", "text_grounded", "layer", "steer", *PAPER_FLAGS,
-          *CUE_FLAGS)  # fmt: skip
+          *CUE_FLAGS, *SITE_FLAGS)  # fmt: skip
 
 
 class GuardFlagsError(ValueError):

@@ -33,7 +33,7 @@ from .object_evidence import ObjectConcepts
 from .paper import FusionProcessor, PaperIntervention, PaperState
 from .sae import SparseAutoencoder
 from .sae_config import Point, layer_site
-from .vision_tower import VisionTowerIntervention
+from .vision_tower import VisionTowerIntervention, check_vision_site
 
 # Models currently guarded, so a second guard() is refused instead of stacking hooks.
 _ACTIVE: weakref.WeakKeyDictionary[nn.Module, GuardHandle] = weakref.WeakKeyDictionary()
@@ -439,17 +439,8 @@ def _check_fits(backend: Backend, sae: SparseAutoencoder, config: GuardConfig) -
 
 
 def _check_vision_layer(backend: Backend, sae: SparseAutoencoder, layer: int) -> None:
-    """The layer exists, its output reaches the language model, and the SAE reads its width."""
-    site = f"vision_tower:{layer}"
     try:
-        check_compatible(
-            sae.config, "vision_tower", f"site {site!r}", backend.vision_width(), "the vision tower"
-        )
+        read = backend.vision_feature_layer()
+        check_vision_site(sae.config, layer, backend.vision_width(), read, "the guard")
     except ValueError as e:
         raise GuardError(str(e)) from e
-    read = backend.vision_feature_layer()
-    if layer > read:
-        raise GuardError(
-            f"site {site!r}: the model reads its image features from the output of vision layer "
-            f"{read} (of {len(backend.vision_layers())}), so a later layer changes nothing"
-        )

@@ -14,8 +14,24 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .checkpoint import check_compatible
 from .intervention import GuardConfig, steer_delta, steer_tensors
 from .sae import Codes, SparseAutoencoder
+from .sae_config import SAEConfig
+
+
+def check_vision_site(
+    config: SAEConfig, layer: int, width: int, read_layer: int, needed_by: str
+) -> None:
+    """Refuse (:class:`ValueError`) an SAE trained elsewhere or for another width, or a layer
+    whose output the model never reads; guard(), ``serve`` and the vLLM plugin all check here."""
+    site = f"vision_tower:{layer}"
+    check_compatible(config, "vision_tower", f"{needed_by} at {site!r}", width, "the vision tower")
+    if layer > read_layer:
+        raise ValueError(
+            f"site {site!r}: the model reads its image features from the output of vision layer "
+            f"{read_layer}, so a later layer changes nothing"
+        )
 
 
 class VisionTowerIntervention:

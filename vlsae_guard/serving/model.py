@@ -42,11 +42,13 @@ from vllm.model_executor.models.llava_next import (
 from vllm.multimodal import MULTIMODAL_REGISTRY
 from vllm.multimodal.inputs import MultiModalFieldConfig
 
+from ..backends.base import vision_tower_shape
 from ..core.checkpoint import check_compatible, load
 from ..core.cue_mask import CueMask, PromptObjects
 from ..core.fit import DEFAULT_MIN_FIT, measure_fit
 from ..core.guard import GuardStats
 from ..core.intervention import ProjectorIntervention
+from ..core.vision_tower import VisionTowerIntervention, check_vision_site
 from . import routing
 from .settings import ASKED_KEY, REQUEST_KEY, PluginConfigError, ServeSettings
 
@@ -153,16 +155,18 @@ class _GuardedModel:
         weight = next(self.multi_modal_projector.parameters())
         dtype = torch.float32 if settings.dtype == "float32" else vllm_config.model_config.dtype
         sae = load(settings.sae, device=weight.device, dtype=dtype)
-        width = hf_config.text_config.hidden_size
-        try:
-            check_compatible(sae.config, "projector", "the vLLM guard", width, "the projector")
-        except ValueError as e:
-            raise PluginConfigError(f"{settings.sae}: {e}") from e
+        layer = settings.guard.vision_layer
         objects = settings.object_map()
         try:
-            if objects is not None:
+            width = hf_config.text_config.hidden_size
+            if layer is not None:
+                check_vision_site(sae.config, layer, *vision_tower_shape(hf_config), "the guard")
+                intervention = VisionTowerIntervention(sae, settings.guard)
+            elif objects is not None:
+                check_compatible(sae.config, "projector", "the vLLM guard", width, "the projector")
                 intervention = CueMask(sae, settings.guard, objects)
             else:
+                check_compatible(sae.config, "projector", "the vLLM guard", width, "the projector")
                 intervention = ProjectorIntervention.build(sae, settings.guard)
         except ValueError as e:
             raise PluginConfigError(f"{settings.sae}: {e}") from e
@@ -170,7 +174,11 @@ class _GuardedModel:
         # loader does not look for them in the checkpoint.
         self.vlsae_sae = routing.freeze_into_buffers(sae)
         self.vlsae_intervention = intervention
-        self.multi_modal_projector.register_forward_hook(self._vlsae_on_projector)
+        if layer is None:
+            self.multi_modal_projector.register_forward_hook(self._vlsae_on_projector)
+        else:  # vLLM runs the vision encoder eagerly (only the language model is compiled)
+            tower_layer = self.vision_tower.vision_model.encoder.layers[layer]
+            tower_layer.register_forward_hook(self._vlsae_on_vision_layer, prepend=True)
 
     def embed_multimodal(self, **kwargs: object):
         flags = kwargs.pop(REQUEST_KEY, None)
@@ -186,11 +194,18 @@ class _GuardedModel:
         finally:
             self._vlsae_batch = None
 
+    def _vlsae_on_vision_layer(self, module: nn.Module, args, output):
+        hidden = output[0] if isinstance(output, tuple) else output
+        new = self._vlsae_guard(hidden, self.vlsae_settings.guard.site)
+        if new is None or not isinstance(output, tuple):
+            return new
+        return (new, *output[1:])
+
     def _vlsae_on_projector(self, module: nn.Module, args, output: Tensor) -> Tensor | None:
         intervention = self.vlsae_intervention
-        flags, crops, asked = self._vlsae_batch or (None, None, None)
-        rows = output.numel() // output.shape[-1]
         if isinstance(intervention, CueMask):
+            flags, crops, asked = self._vlsae_batch or (None, None, None)
+            rows = output.numel() // output.shape[-1]
             new = routing.mask_cues(intervention, output, flags, crops, asked)
             self.vlsae_stats.calls += 1
             if self.vlsae_settings.log is not None:
@@ -198,6 +213,14 @@ class _GuardedModel:
                 changed = 0 if new is None else int((new != output).any(-1).sum())
                 _log(self.vlsae_settings.log, result, flags, crops, rows, changed)
             return new
+        return self._vlsae_guard(output, "projector")
+
+    def _vlsae_guard(self, output: Tensor, site: str) -> Tensor | None:
+        """The guarded images' rows of ``output`` (the projector's, or a vision layer's) through
+        the intervention; None when nothing changes."""
+        intervention = self.vlsae_intervention
+        flags, crops, _ = self._vlsae_batch or (None, None, None)
+        rows = output.numel() // output.shape[-1]
         if flags is None:  # no per-image field (e.g. a dummy batch): the server's default
             mask = torch.full((rows,), self.vlsae_settings.default, dtype=torch.bool)
         elif bool(flags.all()) or not bool(flags.any()):
@@ -205,7 +228,7 @@ class _GuardedModel:
         elif crops is None:
             raise routing.ProjectorLayoutError(
                 "a batch mixes guarded and plain images, but its pixel_values layout does not "
-                "say which projector rows belong to which image"
+                f"say which {site} rows belong to which image"
             )
         else:
             mask = routing.token_mask(flags, crops, output.shape)
@@ -213,7 +236,7 @@ class _GuardedModel:
         if not skip and flags is not None and bool(mask.any()) and not hasattr(self, "vlsae_fit"):
             # Once per process, on the first request's guarded rows (not a dummy batch).
             flat = output.reshape(-1, output.shape[-1])[mask.to(output.device)]
-            self.vlsae_fit = fit = measure_fit(intervention.sae, "projector", DEFAULT_MIN_FIT, flat)
+            self.vlsae_fit = fit = measure_fit(intervention.sae, site, DEFAULT_MIN_FIT, flat)
             logger = logging.getLogger(__name__)
             if fit.problem is None:
                 logger.info("vlsae-guard fit: %s", json.dumps(fit.to_json()))

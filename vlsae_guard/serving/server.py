@@ -26,7 +26,10 @@ from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..backends.base import vision_tower_shape
 from ..core.checkpoint import CONFIG_NAME, check_compatible, read_config, resolve
+from ..core.intervention import GuardConfig
+from ..core.vision_tower import check_vision_site
 from .plugin import GUARDED
 from .settings import PluginConfigError, ServeSettings
 
@@ -66,17 +69,19 @@ def guarded_architecture(config) -> str:
     return names[0]
 
 
-def check_sae(sae: str, config) -> None:
-    """Fail before the server starts if the SAE cannot guard this model (reads config only)."""
-    width = config.text_config.hidden_size
+def check_sae(sae: str, config, guard: GuardConfig | None = None) -> None:
+    """Fail before the server starts if the SAE cannot guard this model where ``guard`` says
+    (reads config files only)."""
+    layer = None if guard is None else guard.vision_layer
     try:
-        check_compatible(
-            read_config(resolve(sae) / CONFIG_NAME),
-            "projector",
-            "the vLLM guard",
-            width,
-            "the model's projector",
-        )
+        sae_config = read_config(resolve(sae) / CONFIG_NAME)
+        if layer is not None:
+            check_vision_site(sae_config, layer, *vision_tower_shape(config), "the vLLM guard")
+        else:
+            width = config.text_config.hidden_size
+            check_compatible(
+                sae_config, "projector", "the vLLM guard", width, "the model's projector"
+            )
     except ValueError as e:
         raise ServeError(f"{sae}: {e}") from e
 
@@ -123,7 +128,7 @@ def prepare(model: str, settings: ServeSettings, vllm_args: Sequence[str]):
         raise ServeError("--sae DIR is required (the VL-SAE checkpoint to guard with)")
     config = model_config(model)
     architecture = guarded_architecture(config)
-    check_sae(settings.sae, config)
+    check_sae(settings.sae, config, settings.guard)
     try:
         objects = settings.object_map()
     except PluginConfigError as e:

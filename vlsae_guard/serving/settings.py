@@ -49,7 +49,17 @@ REQUEST_KEY = "vlsae_guard"
 ASKED_KEY = "vlsae_asked_object"
 ALLOW_FLAG = "--vlsae-allow-request-kwargs"
 # Settings a client might try to set per request -> how the operator sets them.
-_FLAGS = ("alpha", "rewrite", "mode", "steer", "text_grounded", "layer")
+_FLAGS = (
+    "alpha",
+    "rewrite",
+    "mode",
+    "steer",
+    "text_grounded",
+    "layer",
+    "site",
+    "pre_zero",
+    "keep_error",
+)
 _SETTING_SOURCE = {
     **{f: ENV_CONFIG for f in GuardConfig.model_fields},
     **{f: "--vlsae-" + f.replace("_", "-") for f in _FLAGS},

@@ -1,0 +1,101 @@
+"""Steering at ``vision_tower:L`` under vLLM (CPU): the HF guard's answers, per request.
+
+vLLM does not compile its CLIP encoder (only the language model), so a forward hook on the
+encoder layer runs as in transformers; the per-request switch reaches it with the pixels.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from vlsae_guard import SAEConfig, Source, build, guard
+from vlsae_guard.lab import tiny
+
+pytestmark = [
+    pytest.mark.vllm,
+    pytest.mark.usefixtures("restored_environ"),
+    pytest.mark.filterwarnings("ignore::vlsae_guard.GuardFitWarning"),
+]
+vllm = pytest.importorskip("vllm")
+
+from vlsae_guard.serving.client import generate_offline, load_llm  # noqa: E402
+from vlsae_guard.serving.settings import ServeSettings  # noqa: E402
+
+SIZES = tiny.TinySizes()
+LAYER = SIZES.vision_layers - 2  # the layer the tiny LLaVA reads (vision_feature_layer -2)
+STEER = {5: 100.0}
+IMAGES = tiny.make_images(3, seed=31)
+
+
+@pytest.fixture(scope="module")
+def vision_sae_dir(tmp_path_factory):
+    torch.manual_seed(0)
+    n = 4 * SIZES.vision_hidden
+    config = SAEConfig(architecture="matryoshka", d_in=SIZES.vision_hidden, n_concepts=n, k=8,
+                       groups=[n // 4, 3 * n // 4],
+                       source=Source(site="vision_tower", layer=LAYER))  # fmt: skip
+    sae = build(config)
+    sae.threshold.fill_(0.05)
+    directory = tmp_path_factory.mktemp("vision-sae") / "sae"
+    sae.save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_hf_dir, vision_sae_dir, vllm_case):
+    """Greedy token ids per image, plain (False) and steered (True), from the HF guard."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    model = AutoModelForImageTextToText.from_pretrained(tiny_hf_dir, dtype=torch.float32).eval()
+    processor = AutoProcessor.from_pretrained(tiny_hf_dir)
+    out = {}
+    for on in (False, True):
+        site = f"vision_tower:{LAYER}"
+        handle = guard(model, vision_sae_dir, site=site, steer=STEER) if on else None
+        try:
+            answers = []
+            for image in IMAGES:
+                inputs = processor(images=[image], text=[vllm_case.prompt], return_tensors="pt")
+                with torch.no_grad():
+                    ids = model.generate(**inputs, max_new_tokens=vllm_case.steps, do_sample=False)
+                answers.append(tuple(ids[0, inputs["input_ids"].shape[1] :].tolist()))
+            out[on] = answers
+        finally:
+            if handle is not None:
+                handle.remove()
+    return out
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_hf_dir, vision_sae_dir, vllm_case):
+    guard_settings = {"site": f"vision_tower:{LAYER}", "steer": STEER}
+    settings = ServeSettings(sae=str(vision_sae_dir), guard=guard_settings)
+    engine = load_llm(str(tiny_hf_dir), settings, **vllm_case.engine)
+    yield engine
+    engine.llm_engine.engine_core.shutdown()
+
+
+def test_served_steering_equals_the_hf_guard_per_request(llm, reference, vllm_case):
+    assert vllm_case.differs(reference) >= 2  # the clamp changes answers on the tiny model
+    prompts = [vllm_case.prompt] * len(IMAGES)
+    for on in (True, False, True):
+        answers = generate_offline(llm, IMAGES, prompts, guard=on, max_tokens=vllm_case.steps)
+        assert [a.token_ids for a in answers] == reference[on], on
+    mixed = generate_offline(
+        llm, IMAGES, prompts, guard=[True, False, True], max_tokens=vllm_case.steps
+    )
+    expected = [reference[True][0], reference[False][1], reference[True][2]]
+    assert [a.token_ids for a in mixed] == expected
+
+
+def test_an_sae_for_another_site_is_refused_before_serving(tiny_hf_dir, tiny_sae_dir):
+    from transformers import AutoConfig
+
+    from vlsae_guard.serving.server import ServeError, check_sae
+    from vlsae_guard.serving.settings import ServeSettings as Settings
+
+    config = AutoConfig.from_pretrained(tiny_hf_dir)
+    settings = Settings(sae=str(tiny_sae_dir), guard={"site": f"vision_tower:{LAYER}"})
+    with pytest.raises(ServeError, match="trained at site 'projector'"):
+        check_sae(settings.sae, config, settings.guard)
