@@ -333,3 +333,110 @@ def test_auxiliary_ae_is_its_linears(aux, method, layer, width, modality):
     assert_close64(getattr(aux, method)(x, modality), expected)
     with pytest.raises(ValueError, match="modality"):
         getattr(aux, method)(x, "audio")
+
+
+# --- the vision-encoder SAEs (BatchTopK, Matryoshka; dictionary_learning's formulas) ---------
+
+GROUPS = [N // 8, N // 4, N - N // 8 - N // 4]
+
+
+def make_batchtopk(architecture: str, threshold: float = 0.3):
+    groups = GROUPS if architecture == "matryoshka" else None
+    config = SAEConfig(architecture=architecture, d_in=D, n_concepts=N, k=K, groups=groups)
+    sae = build(config)
+    with torch.no_grad():
+        for i, p in enumerate(sae.parameters()):
+            p.copy_(randn(*p.shape, seed=50 + i) * 0.3)
+        sae.threshold.fill_(threshold)
+    return sae
+
+
+def batchtopk_reference(sae, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """float64 ``relu((x - b_dec) W_enc + b_enc)`` kept above the threshold, and its decode."""
+    w_enc, b_enc = sae.encoder.weight.double(), sae.encoder.bias.double()
+    w_dec, b_dec = sae.decoder.weight.double(), sae.decoder.bias.double()
+    f = torch.relu((x.double() - b_dec) @ w_enc.T + b_enc)
+    f = f * (f > float(sae.threshold))
+    return f, f @ w_dec + b_dec
+
+
+@pytest.mark.parametrize("architecture", ["batchtopk", "matryoshka"])
+def test_threshold_encoding_matches_the_float64_formulas(architecture):
+    sae = make_batchtopk(architecture)
+    x = randn(9, D, seed=3)
+    f, recon = batchtopk_reference(sae, x)
+    codes = sae.encode_topk(x)
+    assert int((codes.values > 0).sum()) == int((f > 0).sum())
+    torch.testing.assert_close(codes.dense().double(), f, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(sae(x).double(), recon, rtol=1e-5, atol=1e-5)
+    assert torch.equal(sae.encode(x, ties="official"), sae.encode(x))  # no ties to break
+
+
+def test_training_keeps_the_k_times_rows_largest_of_the_batch():
+    sae = make_batchtopk("batchtopk")
+    x = randn(6, D, seed=4)
+    with torch.no_grad():
+        out = sae.forward_train(x)
+        scores = torch.relu(sae.encoder(x - sae.decoder.bias))
+    kept = out.codes.dense()
+    assert int((kept > 0).sum()) == K * 6  # rows may differ; the batch holds k per row
+    assert float(kept[kept > 0].min()) >= float(scores.flatten().topk(K * 6).values.min())
+    assert len(set((kept > 0).sum(-1).tolist())) > 1  # not per-row TopK
+
+
+def test_threshold_update_is_a_running_mean_of_the_smallest_kept():
+    sae = make_batchtopk("batchtopk", threshold=-1.0)
+    first = Codes(torch.tensor([[0.0, 2.0, 0.5]]), torch.tensor([[0, 1, 2]]), N)
+    sae.update_threshold(first, beta=0.9)
+    assert float(sae.threshold) == 0.5  # the first update sets it
+    sae.update_threshold(Codes(torch.tensor([[1.5]]), torch.tensor([[3]]), N), beta=0.9)
+    assert float(sae.threshold) == pytest.approx(0.9 * 0.5 + 0.1 * 1.5)
+
+
+def test_matryoshka_prefixes_add_up_group_by_group():
+    sae = make_batchtopk("matryoshka", threshold=0.0)
+    x = randn(5, D, seed=5)
+    codes = sae.encode_topk(x)
+    dense = codes.dense()
+    ends = torch.tensor(GROUPS).cumsum(0).tolist()
+    for recon, end in zip(sae.prefix_reconstructions(codes), ends, strict=True):
+        expected = dense[:, :end] @ sae.decoder.weight[:end] + sae.decoder.bias
+        torch.testing.assert_close(recon, expected, rtol=1e-5, atol=1e-5)
+    assert sae.group_of().tolist() == sum(([g] * s for g, s in enumerate(GROUPS)), [])
+
+
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        ({"architecture": "matryoshka"}, "groups"),
+        ({"architecture": "batchtopk", "groups": [N]}, "groups"),
+        ({"architecture": "matryoshka", "groups": [N // 2, N // 2 - 1]}, "summing to n_concepts"),
+        ({"architecture": "matryoshka", "groups": [N, 0]}, "positive sizes"),
+        ({"architecture": "batchtopk", "shared_concepts": [1]}, "one modality"),
+    ],
+)
+def test_vision_sae_configs_are_validated(settings, message):
+    with pytest.raises(ValueError, match=message):
+        SAEConfig(d_in=D, n_concepts=N, k=K, **settings)
+
+
+@pytest.mark.parametrize("architecture", ["batchtopk", "matryoshka"])
+def test_vision_saes_refuse_text(architecture):
+    sae = make_batchtopk(architecture)
+    with pytest.raises(ValueError, match="reads vision only"):
+        sae.encode_topk(randn(2, D), "text")
+    with pytest.raises(ValueError, match="reads vision only"):
+        sae.decode(sae.encode_topk(randn(2, D)), "text")
+
+
+@pytest.mark.parametrize("architecture", ["batchtopk", "matryoshka"])
+def test_vision_saes_round_trip_through_checkpoints(architecture, tmp_path):
+    from vlsae_guard.core.checkpoint import load
+
+    sae = make_batchtopk(architecture)
+    sae.save_pretrained(tmp_path)
+    loaded = load(tmp_path)
+    assert type(loaded) is type(sae) and loaded.config == sae.config
+    assert float(loaded.threshold) == float(sae.threshold)
+    x = randn(4, D, seed=6)
+    assert torch.equal(loaded(x), sae(x))
