@@ -1,15 +1,15 @@
 """Checkpoints: ``config.json`` + ``model.safetensors`` (+ ``aux.safetensors``), loaded safely.
 
 Everything is validated before a module is returned: config fields, tensor names and shapes,
-finiteness. Pickle files are never unpickled except by :func:`import_official`, which uses
-``torch.load(weights_only=True)`` (tensors only, no code).
+finiteness. Pickle files are never unpickled except by the importers (:func:`import_official`,
+:mod:`.dictionary_learning`), which use ``torch.load(weights_only=True)`` (tensors only, no code).
 """
 
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import torch
@@ -59,9 +59,9 @@ def load(
     directory = resolve(path_or_hub_id, revision=revision)
     config = read_config(directory / CONFIG_NAME)
     sae = build(config)
-    _load_checked(sae, directory / WEIGHTS_NAME, skip_prefix="aux.")
+    load_checked(sae, directory / WEIGHTS_NAME, skip_prefix="aux.")
     if config.aux is not None:
-        _load_checked(sae.aux, directory / AUX_WEIGHTS_NAME)
+        load_checked(sae.aux, directory / AUX_WEIGHTS_NAME)
     elif (directory / AUX_WEIGHTS_NAME).exists():
         # Ignoring it would silently feed raw features to an SAE trained on projected ones.
         raise CheckpointError(
@@ -83,7 +83,8 @@ def resolve(path_or_hub_id: str | os.PathLike, revision: str | None = None) -> P
                 f"{path}: expected a checkpoint directory holding {CONFIG_NAME} and "
                 f"{WEIGHTS_NAME}, found a file"
                 + (
-                    " (a pickle/torch.save file: convert it with `vlsae-guard import-official`)"
+                    " (a pickle/torch.save file: convert it with `vlsae-guard import-official` "
+                    "or `vlsae-guard import-sae`)"
                     if _looks_pickled(path)
                     else ""
                 )
@@ -147,7 +148,7 @@ def _shapes(module: torch.nn.Module, skip_prefix: str | None = None) -> dict[str
     }
 
 
-def _load_checked(
+def load_checked(
     module: torch.nn.Module, file: Path, skip_prefix: str | None = None, tensors=None
 ) -> None:
     """Validate ``tensors`` (read from ``file`` unless given) against ``module``, then load."""
@@ -171,7 +172,10 @@ def read_tensors(file: Path) -> dict[str, Tensor]:
 
 
 def check_state(
-    tensors: Mapping[str, Tensor], expected: Mapping[str, tuple[int, ...]], file: Path | str
+    tensors: Mapping[str, Tensor],
+    expected: Mapping[str, tuple[int, ...]],
+    file: Path | str,
+    problem: str = "weights do not match the config",
 ) -> None:
     """Same names, same shapes, finite values; the error lists every mismatch at once."""
     problems = []
@@ -191,7 +195,7 @@ def check_state(
             bad = int((~torch.isfinite(t)).sum())
             problems.append(f"  tensor {name}: {bad} NaN/inf values")
     if problems:
-        raise CheckpointError(f"{file}: weights do not match the config\n" + "\n".join(problems))
+        raise CheckpointError(f"{file}: {problem}\n" + "\n".join(problems))
 
 
 def check_module(module: torch.nn.Module, where: str) -> None:
@@ -290,20 +294,10 @@ def import_official(
     refuse_non_empty(out_dir, overwrite)
     sae_file = Path(sae_file)
     state = _torch_load(sae_file)
-    architecture = next(
-        (a for a, layout in _OFFICIAL_LAYOUTS.items() if set(layout) == set(state)), None
-    )
-    if architecture is None:
-        known = "; ".join(f"{a}: {sorted(lay)}" for a, lay in _OFFICIAL_LAYOUTS.items())
-        raise CheckpointError(
-            f"{sae_file}: unknown state-dict layout, found keys {sorted(state)}; expected one of "
-            f"{known}"
-        )
+    architecture = detect_layout(state, _OFFICIAL_LAYOUTS, sae_file)
     layout = _OFFICIAL_LAYOUTS[architecture]
-    n_concepts, d_in = _matrix_shape(state, next(iter(layout)), sae_file)  # an encoder weight
-    ours = {
-        new: (state[old].T if transpose else state[old]) for old, (new, transpose) in layout.items()
-    }
+    n_concepts, d_in = matrix_shape(state, next(iter(layout)), sae_file)  # an encoder weight
+    ours = convert_layout(state, layout)
 
     aux_state, aux_config = None, None
     if aux_file is not None:
@@ -313,31 +307,63 @@ def import_official(
             raise CheckpointError(
                 f"{aux_file}: expected auxiliary AE keys {_AUX_KEYS}, found {sorted(aux_state)}"
             )
-        d_proj, d_vision = _matrix_shape(aux_state, "vision_projection.weight", aux_file)
-        d_text = _matrix_shape(aux_state, "text_projection.weight", aux_file)[1]
+        d_proj, d_vision = matrix_shape(aux_state, "vision_projection.weight", aux_file)
+        d_text = matrix_shape(aux_state, "text_projection.weight", aux_file)[1]
         aux_config = AuxConfig(d_vision=d_vision, d_text=d_text, d_proj=d_proj)
-    try:
-        config = SAEConfig(
-            architecture=architecture,
-            d_in=d_in,
-            n_concepts=n_concepts,
-            k=k,
-            aux=aux_config,
-            **({"source": source} if source else {}),
-        )
-    except ValidationError as e:
-        raise CheckpointError(
-            f"{sae_file}: cannot build a config\n{describe_validation_error(e)}"
-        ) from e
+    config = imported_config(
+        sae_file,
+        architecture=architecture,
+        d_in=d_in,
+        n_concepts=n_concepts,
+        k=k,
+        aux=aux_config,
+        **({"source": source} if source else {}),
+    )
     sae = build(config)
-    _load_checked(sae, sae_file, skip_prefix="aux.", tensors=ours)
+    load_checked(sae, sae_file, skip_prefix="aux.", tensors=ours)
     if sae.aux is not None:
-        _load_checked(sae.aux, aux_file, tensors=aux_state)
+        load_checked(sae.aux, aux_file, tensors=aux_state)
     save(sae, out_dir)
     return sae.eval()
 
 
-def _matrix_shape(state: Mapping[str, Tensor], key: str, file: Path) -> tuple[int, int]:
+# --- shared by the importers (this module's and .dictionary_learning's) ------------------------
+
+
+def detect_layout(
+    state: Mapping[str, Tensor], layouts: Mapping[str, Iterable[str]], file: Path
+) -> str:
+    """The layout whose key set is exactly the state dict's; the error lists them all."""
+    found = next((name for name, keys in layouts.items() if set(keys) == set(state)), None)
+    if found is None:
+        known = "; ".join(f"{name}: {sorted(keys)}" for name, keys in layouts.items())
+        raise CheckpointError(
+            f"{file}: unknown state-dict layout, found keys {sorted(state)}; expected one of "
+            f"{known}"
+        )
+    return found
+
+
+def convert_layout(
+    state: Mapping[str, Tensor], layout: Mapping[str, tuple[str, bool]]
+) -> dict[str, Tensor]:
+    """Rename (and transpose where the layout says) the tensors of ``layout`` into ours."""
+    return {
+        new: state[old].T if transpose else state[old] for old, (new, transpose) in layout.items()
+    }
+
+
+def imported_config(file: Path, **fields) -> SAEConfig:
+    """The config of an imported checkpoint; invalid fields are a :class:`CheckpointError`."""
+    try:
+        return SAEConfig(**fields)
+    except ValidationError as e:
+        raise CheckpointError(
+            f"{file}: cannot build a config\n{describe_validation_error(e)}"
+        ) from e
+
+
+def matrix_shape(state: Mapping[str, Tensor], key: str, file: Path) -> tuple[int, int]:
     """The shape of a weight the config is inferred from; anything but a matrix is refused."""
     shape = tuple(state[key].shape)
     if len(shape) != 2 or 0 in shape:
@@ -346,6 +372,13 @@ def _matrix_shape(state: Mapping[str, Tensor], key: str, file: Path) -> tuple[in
 
 
 def _torch_load(file: Path) -> dict[str, Tensor]:
+    """:func:`read_torch_state` in float32: the paper's files hold weights only."""
+    return {k: v.float() for k, v in read_torch_state(file).items()}
+
+
+def read_torch_state(file: Path) -> dict[str, Tensor]:
+    """A state dict of tensors, read tensors-only, as saved (dtypes kept); unwrapped from a
+    ``state_dict`` key and from DataParallel's ``module.`` prefixes."""
     if not file.is_file():
         raise CheckpointError(f"{file}: missing")
     try:
@@ -360,4 +393,4 @@ def _torch_load(file: Path) -> dict[str, Tensor]:
         raise CheckpointError(
             f"{file}: expected a state dict of tensors, found {type(obj).__name__}"
         )
-    return {k.removeprefix("module."): v.float() for k, v in obj.items()}
+    return {k.removeprefix("module."): v for k, v in obj.items()}
