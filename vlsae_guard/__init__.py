@@ -3,6 +3,7 @@
 from .backends import UnsupportedModelError
 from .concepts.monosemanticity import monosemanticity_score
 from .core.checkpoint import CheckpointError, import_official
+from .core.dictionary_learning import import_dictionary_learning
 from .core.fit import GuardFit, GuardFitWarning
 from .core.guard import GuardError, GuardHandle, guard
 from .core.intervention import GuardConfig
@@ -40,6 +41,7 @@ __all__ = [
     "SparseAutoencoder",
     "build",
     "guard",
+    "import_dictionary_learning",
     "import_official",
     "monosemanticity_score",
 ]
