@@ -373,7 +373,11 @@ def test_cli_collect_with_config_file(tiny_hf_dir, pairs_file, tmp_path, capsys)
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
-        (["--site", "layer:x"], "--site (field site): Value error, expected 'projector' or"),
+        (
+            ["--site", "layer:x"],
+            "--site (field site): Value error, expected 'projector', 'layer:L'",
+        ),
+        (["--site", "vision_tower:3"], "vision layer 3 does not exist: "),  # before loading
         (["--tokens-per-image", "0"], "--tokens-per-image (field tokens_per_image): Input should"),
         (["--site", "layer:7"], "layer 7 does not exist: "),  # checked before loading
         (["--jsonl", "/no/such.jsonl"], "--jsonl (field data.path): Path does not point to a file"),

@@ -22,6 +22,7 @@ from .families import (
     detect,
     load,
     num_layers,
+    num_vision_layers,
     read_model_config,
     resolve_dtype,
 )
@@ -42,6 +43,7 @@ __all__ = [
     "load",
     "move",
     "num_layers",
+    "num_vision_layers",
     "read_model_config",
     "resolve_dtype",
 ]

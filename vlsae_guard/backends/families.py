@@ -60,6 +60,12 @@ def num_layers(config: dict[str, Any]) -> int | None:
     return text.get("num_hidden_layers")
 
 
+def num_vision_layers(config: dict[str, Any]) -> int | None:
+    """Layers of the vision encoder, from a llava-hf ``config.json`` (None where it does not say:
+    the original llava package names its tower by Hub id)."""
+    return (config.get("vision_config") or {}).get("num_hidden_layers")
+
+
 def is_original_llava(config: dict[str, Any]) -> bool:
     return "LlavaLlamaForCausalLM" in (config.get("architectures") or []) or (
         "mm_vision_tower" in config

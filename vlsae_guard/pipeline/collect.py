@@ -31,7 +31,16 @@ import torch
 from pydantic import Field, field_validator, model_validator
 from torch import Tensor, nn
 
-from ..backends import Inputs, detect, load, move, num_layers, read_model_config, resolve_dtype
+from ..backends import (
+    Inputs,
+    detect,
+    load,
+    move,
+    num_layers,
+    num_vision_layers,
+    read_model_config,
+    resolve_dtype,
+)
 from ..core.sae_config import vision_tower_layer
 from ..provenance import environment, sha256_dir
 from ..validation import Settings
@@ -300,9 +309,16 @@ def collect(
     """
     dist = dist or Dist.from_env()
     if model is None:
-        layers = num_layers(read_model_config(config.model))
+        model_config = read_model_config(config.model)
+        layers = num_layers(model_config)
         if config.layer is not None and layers is not None and config.layer >= layers:
             raise ValueError(f"layer {config.layer} does not exist: {config.model} has {layers}")
+        vision = num_vision_layers(model_config)
+        if config.vision_layer is not None and vision is not None and config.vision_layer >= vision:
+            raise ValueError(
+                f"vision layer {config.vision_layer} does not exist: {config.model}'s vision "
+                f"encoder has {vision}"
+            )
         device = dist.device(config.device)
         dtype = resolve_dtype(config.dtype, device)
         model, inputs = load(config.model, dtype, device, conv_mode=config.conv_mode)
