@@ -10,7 +10,7 @@ import argparse
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from pydantic import DirectoryPath, Field, FilePath, model_validator
 
@@ -83,7 +83,8 @@ _POOLING = field_arg(
     "--pooling",
     choices=field_choices(_ConceptArgs, "pooling"),
     fill=True,
-    help="an image's activation of a concept: mean or max over its tokens",
+    help="an image's activation of a concept: mean or max over its tokens, or cls: its CLS "
+    "token alone (SAEs trained at the vision tower)",
 )
 _STORE = field_arg(
     _StoreArgs,
@@ -145,10 +146,12 @@ def inspect_command(args: argparse.Namespace) -> None:
     """Run the image (and/or text) through the model up to the SAE's site, encode its tokens
     and pool them per concept; list the strongest concepts with their labels. For an image and
     a projector-site SAE, also list which of its concepts the guard keeps (the shared set) and
-    which it removes: what separates the guarded answer from the unguarded one."""
+    which it removes: what separates the guarded answer from the unguarded one. An SAE without
+    a text side (vision-encoder SAEs) reads the image only, and says so."""
     from ..backends import load as load_model
     from ..concepts.catalog import read_catalog
     from ..concepts.inspect import format_inspection, inspect_rows, read_tokens
+    from ..concepts.pooled import text_skipped
     from ..core.intervention import GuardConfig
 
     opts = validated_flags(InspectArgs, args, across="--image/--text")
@@ -159,10 +162,17 @@ def inspect_command(args: argparse.Namespace) -> None:
         model, inputs = load_model(args.model, device=opts.device)
         sae = sae.to(opts.device)
         rows = read_tokens(model, inputs, sae, image, opts.text)
+        skipped = text_skipped(sae)
+        notes = []
         guard = None
         if sae.config.source.site in (None, "projector"):
-            guard = GuardConfig(rewrite=rewrite_flag(args), text_grounded=args.text_grounded)
-        report = {}
+            if skipped:
+                notes.append(f"guard: no kept/removed split, {skipped} (no shared concepts)")
+            else:
+                guard = GuardConfig(rewrite=rewrite_flag(args), text_grounded=args.text_grounded)
+        if skipped and opts.text is not None:
+            notes.append(f"text {opts.text!r}: not read, {skipped}")
+        report: dict[str, Any] = {}
         for modality, name in (("vision", str(opts.image)), ("text", repr(opts.text))):
             if modality not in rows:
                 continue
@@ -178,6 +188,10 @@ def inspect_command(args: argparse.Namespace) -> None:
             )
             print(format_inspection(f"{modality} {name}", result, opts.top))
             report[modality] = result.to_json()
+        for note in notes:
+            print(note)
+        if notes:
+            report["notes"] = notes
     write_json(args.json, report)
 
 
@@ -277,9 +291,12 @@ def catalog_command(args: argparse.Namespace) -> None:
         ),
     )
     written = write_catalog(catalog, opts.out, opts.image_root)
+    captions = f"and {catalog.captions} captions"
+    if catalog.text_skipped:
+        captions = f"(captions not read: {catalog.text_skipped})"
     print(
         f"{len(catalog.concepts)} concepts of {catalog.n_concepts} over {catalog.images} images "
-        f"and {catalog.captions} captions; {written['thumbnails']} thumbnails\n"
+        f"{captions}; {written['thumbnails']} thumbnails\n"
         f"wrote {written['json']}\nwrote {written['html']}"
     )
 
@@ -309,8 +326,10 @@ def ms_command(args: argparse.Namespace) -> None:
     """MS_k = sum_{n<m} a_n a_m s_nm / sum_{n<m} a_n a_m (activations min-max normalised per
     concept, s = cosine similarity of the embeddings), in closed form, streamed over the
     store. Prints the distribution (mean, median, best, dead) for the SAE's concepts and for
-    the model's raw neurons (the paper's baseline); writes ms.json and ms_histogram.png."""
-    from ..concepts.ms_store import MSResult, histogram, store_monosemanticity
+    the model's raw neurons (the paper's baseline), and for each group of a Matryoshka SAE;
+    writes ms.json and ms_histogram.png. --pooling cls scores the CLS token, as the paper does
+    (SAEs trained at the vision tower)."""
+    from ..concepts.ms_store import histogram, store_monosemanticity
 
     opts, result = _over_store(
         args,
@@ -319,9 +338,7 @@ def ms_command(args: argparse.Namespace) -> None:
             store, sae, opts.embeddings, opts.pooling, not args.no_baseline
         ),
     )
-    summaries = {"sae": MSResult.summary(result.scores)}
-    if result.baseline is not None:
-        summaries["raw neurons"] = MSResult.summary(result.baseline)
+    summaries = result.summaries()
     print(f"monosemanticity over {result.images} images ({opts.pooling} pooling)")
     for name, s in summaries.items():
         best = s["best"]
@@ -335,6 +352,8 @@ def ms_command(args: argparse.Namespace) -> None:
     if result.baseline is not None:
         scores["raw_neurons"] = result.baseline.tolist()
     record = {"images": result.images, "pooling": opts.pooling, "summary": summaries}
+    if result.groups is not None:  # Matryoshka: each concept's group level, as scores["sae"]
+        record["concept_groups"] = result.groups.tolist()
     write_json(opts.out / "ms.json", record | {"scores": _nan_to_none(scores)})
     print(f"wrote {png}")
 

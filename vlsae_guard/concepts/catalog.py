@@ -14,6 +14,10 @@
   which every concept's documents hold at about the store's rate, do not. Stopwords are
   removed.
 
+SAEs without a text side (:func:`~.pooled.text_skipped`: vision-encoder SAEs) list no captions:
+``caption_count`` is None, the catalog's ``text_skipped`` says why, and labels read the top
+images' captions alone. A Matryoshka SAE's concepts carry their ``group`` level.
+
 ``write_catalog`` writes ``catalog.json`` (schema: :class:`Catalog`), ``index.html`` (static,
 every text escaped) and ``thumbs/`` beside it.
 """
@@ -29,14 +33,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from pydantic import ValidationError
+from pydantic import Field, ValidationError
 from torch import Tensor
 
 from ..core.sae import SparseAutoencoder
 from ..outputs import write_text, write_with
 from ..pipeline.store import ActivationStore
 from ..validation import Record, describe_validation_error
-from .pooled import ConceptsError, Pooling, iter_pooled
+from .pooled import ConceptsError, Pooling, group_levels, iter_pooled, text_skipped
 
 FORMAT = "vlsae-guard/catalog"
 THUMB_SIZE = 96
@@ -68,15 +72,21 @@ class Item(Record):
     thumbnail: str | None = None  # path relative to the HTML page; None when unreadable
 
 
+def _unset(value: object) -> bool:
+    return value is None
+
+
 class Concept(Record):
     concept: int
     label: str
     words: list[str]
     shared: bool | None  # in the checkpoint's shared set (None: it has none)
     image_count: int  # images on which it fires
-    caption_count: int
+    caption_count: int | None  # None: captions not read (an SAE without a text side)
     images: list[Item]
     captions: list[Item]
+    # Matryoshka group level (0: the first, most general group); absent for other SAEs.
+    group: int | None = Field(default=None, exclude_if=_unset)
 
 
 class Catalog(Record):
@@ -90,6 +100,8 @@ class Catalog(Record):
     images: int
     captions: int
     concepts: list[Concept]
+    # Why captions were not read (the SAE has no text side); absent when they were.
+    text_skipped: str | None = Field(default=None, exclude_if=_unset)
 
     def labels(self) -> dict[int, str]:
         return {c.concept: c.label for c in self.concepts}
@@ -201,9 +213,11 @@ def build_catalog(
         if bad:
             raise ConceptsError(f"concepts {bad[:5]} out of range for an SAE with {n} concepts")
     kept = max(top_n, label_docs)
-    top = {"vision": TopN(kept), "text": TopN(kept)}
-    fires = {"vision": torch.zeros(n, dtype=torch.long), "text": torch.zeros(n, dtype=torch.long)}
-    for modality in ("vision", "text"):
+    skipped = text_skipped(sae)
+    modalities = ("vision",) if skipped else ("vision", "text")
+    top = {m: TopN(kept) for m in modalities}
+    fires = {m: torch.zeros(n, dtype=torch.long) for m in modalities}
+    for modality in modalities:
         for batch in iter_pooled(store, sae, modality, pooling):
             codes = batch.codes
             if modality == "vision":  # one row per image: drop later pairs of the same image
@@ -219,13 +233,14 @@ def build_catalog(
     groups = {m: t.groups() for m, t in top.items()}
     shared = sae.config.shared_concepts
     shared_set = set(shared) if shared is not None else None
+    levels = group_levels(sae)
     wanted = concepts
     if wanted is None:
-        wanted = sorted(set(groups["vision"]) | set(groups["text"]))
+        wanted = sorted(set().union(*groups.values()))
     out = []
     for c in wanted:
         images = [_item(records[p], a) for p, a in groups["vision"].get(c, [])]
-        captions = [_item(records[p], a, image=False) for p, a in groups["text"].get(c, [])]
+        captions = [_item(records[p], a, image=False) for p, a in groups.get("text", {}).get(c, [])]
         docs = [i.caption for i in images[:label_docs]] + [i.caption for i in captions[:label_docs]]
         chosen = label_words(docs, df, len(records), label_size)
         images, captions = images[:top_n], captions[:top_n]
@@ -236,9 +251,10 @@ def build_catalog(
                 words=chosen,
                 shared=None if shared_set is None else c in shared_set,
                 image_count=int(fires["vision"][c]),
-                caption_count=int(fires["text"][c]),
+                caption_count=None if skipped else int(fires["text"][c]),
                 images=images,
                 captions=captions,
+                group=None if levels is None else int(levels[c]),
             )
         )
     return Catalog(
@@ -250,6 +266,7 @@ def build_catalog(
         images=len(firsts),
         captions=len(records),
         concepts=out,
+        text_skipped=skipped,
     )
 
 
@@ -331,13 +348,16 @@ def render_html(catalog: Catalog) -> str:
         f"{catalog.images} images, {catalog.captions} captions; {catalog.pooling} pooling; "
         f"top {catalog.top_n}; {len(catalog.concepts)} of {catalog.n_concepts} concepts</p>",
     ]
+    if catalog.text_skipped:
+        parts.append(f'<p class="meta">captions not read: {e(catalog.text_skipped)}</p>')
     for c in catalog.concepts:
         shared = {None: "", True: "; shared", False: "; not shared"}[c.shared]
+        captions = "" if c.caption_count is None else f", {c.caption_count} captions"
+        group = "" if c.group is None else f"; group {c.group}"
         parts.append(f'<section class="concept" id="concept-{c.concept}">')
         parts.append(f'<h2>#{c.concept} <span class="label">{e(c.label)}</span></h2>')
         parts.append(
-            f'<p class="meta">fires on {c.image_count} images, {c.caption_count} captions'
-            f"{shared}</p>"
+            f'<p class="meta">fires on {c.image_count} images{captions}{shared}{group}</p>'
         )
         parts.append('<div class="images">')
         for item in c.images:

@@ -1,12 +1,15 @@
 """What the VL-SAE sees in one image or one text: top concepts, labels, what the guard keeps.
 
 The image goes through the model up to the SAE's site exactly as in collection
-(:class:`vlsae_guard.pipeline.collect.SiteReader`); its tokens are encoded by the SAE and pooled
-(:mod:`.pooled`). For a projector-site SAE, the concepts of the image's TopK codes are split by
-the guard's own :class:`~vlsae_guard.core.intervention.ProjectorIntervention` (its resolved shared
-set S, and with ``text_grounded`` the concepts of the prompt's text): *kept* concepts are
-decoded back into the image tokens, *removed* ones are dropped (method replace) or subtracted
-(method edit). An A/B answer pair differs by exactly the removed concepts' contribution.
+(:class:`vlsae_guard.pipeline.collect.SiteReader`; at ``vision_tower:L``, every output token of
+the vision encoder's layer L, CLS first); its tokens are encoded by the SAE and pooled
+(:mod:`.pooled`). For a projector-site SAE with a text side, the concepts of the image's TopK
+codes are split by the guard's own
+:class:`~vlsae_guard.core.intervention.ProjectorIntervention` (its resolved shared set S, and
+with ``text_grounded`` the concepts of the prompt's text): *kept* concepts are decoded back
+into the image tokens, *removed* ones are dropped (method replace) or subtracted (method edit).
+An A/B answer pair differs by exactly the removed concepts' contribution. A Matryoshka SAE's
+concepts also show their group level.
 """
 
 from __future__ import annotations
@@ -22,7 +25,16 @@ from ..core.intervention import GuardConfig, ProjectorIntervention
 from ..core.sae import Codes, SparseAutoencoder
 from ..core.sae_config import Modality
 from ..pipeline.collect import SiteReader
-from .pooled import ConceptsError, Pooling, encode, input_width, pool_codes
+from .pooled import (
+    ConceptsError,
+    Pooling,
+    check_pooling,
+    encode,
+    group_levels,
+    input_width,
+    pool_codes,
+    text_skipped,
+)
 
 
 @dataclass
@@ -32,6 +44,7 @@ class Hit:
     tokens: int  # tokens on which the concept is in the TopK code
     label: str | None = None
     kept: bool | None = None  # by the guard (projector mode, images only)
+    group: int | None = None  # Matryoshka group level (0: most general); None otherwise
 
 
 @dataclass
@@ -46,7 +59,13 @@ class Inspection:
     kept_share: float | None = None  # share of the pooled activation mass kept
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        """As a dict; ``group`` only where the SAE has group levels (Matryoshka)."""
+        out = asdict(self)
+        for hits in (out["top"], out["kept"], out["removed"]):
+            for hit in hits:
+                if hit["group"] is None:
+                    del hit["group"]
+        return out
 
 
 def read_tokens(
@@ -56,19 +75,27 @@ def read_tokens(
     image: Any = None,
     text: str | None = None,
 ) -> dict[str, Tensor]:
-    """The rows the SAE reads for this image and/or text: {"vision": (T, d), "text": (L, d)}."""
+    """The rows the SAE reads for this image and/or text: {"vision": (T, d), "text": (L, d)};
+    no "text" for an SAE without a text side (:func:`~.pooled.text_skipped`)."""
+    if image is None and text is None:
+        raise ConceptsError("give an image, a text or both")
+    skipped = text_skipped(sae)
+    if image is None and skipped:
+        raise ConceptsError(f"{skipped}: give an image")
     source = sae.config.source
     layer = source.layer if source.site == "layer" else None
-    reader = SiteReader(model, inputs, layer)
+    vision_layer = source.layer if source.site == "vision_tower" else None
+    try:
+        reader = SiteReader(model, inputs, layer, vision_layer=vision_layer)
+    except ValueError as e:  # a layer this model does not have
+        raise ConceptsError(f"{e}: the SAE was trained for another model") from e
     dims = reader.dims()
-    for modality in ("vision", "text"):
+    for modality in ("vision",) if skipped else ("vision", "text"):
         if dims[modality] != input_width(sae, modality):
             raise ConceptsError(
                 f"the model's {modality} rows at the SAE's site have width {dims[modality]}, but "
                 f"the SAE reads {input_width(sae, modality)}: it was trained for another model"
             )
-    if image is None and text is None:
-        raise ConceptsError("give an image, a text or both")
     if image is None:
         if layer is not None:
             raise ConceptsError(
@@ -80,7 +107,7 @@ def read_tokens(
             return {"text": reader.backend.embed(ids.to(reader.device))[0].float().cpu()}
     vision, words = reader([image], [text or ""], [0])[0]
     out = {"vision": vision.float()}
-    if text is not None:
+    if text is not None and not skipped:
         out["text"] = words.float()
     return out
 
@@ -115,16 +142,21 @@ def inspect_rows(
     text_rows: Tensor | None = None,
 ) -> Inspection:
     """Top concepts of ``rows`` (one image's or one text's tokens), pooled; with ``guard``,
-    the guard's kept/removed split of every active concept."""
+    the guard's kept/removed split of every active concept. ``cls`` reads the first row (the
+    CLS token of an SAE at the vision tower)."""
     if len(rows) == 0:
         raise ConceptsError(f"no {modality} tokens to inspect")
+    check_pooling(sae, pooling)
+    if pooling == "cls":
+        rows = rows[:1]
     labels = labels or {}
+    groups = group_levels(sae)
     codes = encode(sae, rows, modality)
     owners = torch.zeros(len(rows), dtype=torch.long)
     pooled = pool_codes(codes, owners, 1, pooling).coalesce()
     concepts = pooled.indices()[1]
     values = pooled.values()
-    active = codes.values != 0
+    active = codes.values > 0  # spare slots of a threshold code hold 0
     tokens = torch.bincount(codes.indices[active], minlength=sae.n_concepts)
     kept_of: dict[int, bool] = {}
     if guard is not None:
@@ -134,7 +166,14 @@ def inspect_rows(
         kept_of = {c: bool(per[c] > 0) for c in concepts.tolist()}
     order = torch.argsort(values, descending=True, stable=True)
     hits = [
-        Hit(c, float(values[i]), int(tokens[c]), labels.get(c), kept_of.get(c))
+        Hit(
+            c,
+            float(values[i]),
+            int(tokens[c]),
+            labels.get(c),
+            kept_of.get(c),
+            None if groups is None else int(groups[c]),
+        )
         for i in order.tolist()
         for c in [int(concepts[i])]
     ]
@@ -148,14 +187,18 @@ def inspect_rows(
 
 
 def format_inspection(name: str, result: Inspection, top: int = 10) -> str:
-    """Aligned text lines: the top concepts, then the guard's split when known."""
+    """Aligned text lines: the top concepts (with their group levels when the SAE has them),
+    then the guard's split when known."""
+    grouped = any(h.group is not None for h in result.top + result.kept + result.removed)
 
     def table(hits: list[Hit]) -> list[str]:
-        lines = [f"  {'concept':>8}  {'activation':>10}  {'tokens':>6}  {'guard':<7}  label"]
+        group = f"  {'group':>5}" if grouped else ""
+        lines = [f"  {'concept':>8}  {'activation':>10}  {'tokens':>6}{group}  {'guard':<7}  label"]
         for h in hits:
             guard = {None: "", True: "kept", False: "removed"}[h.kept]
+            group = f"  {h.group:>5}" if grouped else ""
             lines.append(
-                f"  {'#' + str(h.concept):>8}  {h.activation:>10.4f}  {h.tokens:>6}  "
+                f"  {'#' + str(h.concept):>8}  {h.activation:>10.4f}  {h.tokens:>6}{group}  "
                 f"{guard:<7}  {h.label or ''}"
             )
         return lines

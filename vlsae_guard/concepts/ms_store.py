@@ -10,6 +10,10 @@ row per image of the store, keyed so that rows can be matched to images:
 Without keys the rows must follow :func:`store_images` order exactly (same N). Every image of
 the store needs a row; extra rows are ignored. The baseline is the paper's: the model's raw
 neurons (each dimension of the stored rows), pooled over an image's tokens the same way.
+
+Pooling ``cls`` scores the CLS token's codes, as Pach et al. do (vision-tower SAEs only, see
+:mod:`.pooled`). A Matryoshka SAE's results also say each concept's group level and summarise
+each group apart.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ from ..outputs import write_with
 from ..pipeline.store import ActivationStore
 from .catalog import first_pairs, store_records
 from .monosemanticity import MSAccumulator
-from .pooled import ConceptsError, Pooling, iter_pooled
+from .pooled import ConceptsError, Pooling, group_levels, iter_pooled
 
 
 def store_images(store: ActivationStore) -> list[tuple[int, Any, str]]:
@@ -115,19 +119,42 @@ class MSResult:
     scores: Tensor  # (K,) NaN: dead
     baseline: Tensor | None  # (d,) raw neurons
     images: int
+    groups: Tensor | None = None  # (K,) Matryoshka group level of each concept, else None
 
     @staticmethod
-    def summary(scores: Tensor) -> dict[str, Any]:
+    def summary(
+        scores: Tensor, units: Tensor | None = None, groups: Tensor | None = None
+    ) -> dict[str, Any]:
+        """Distribution of ``scores``; ``units`` are their unit numbers (default 0..n-1), and
+        with ``groups`` (per unit) the best unit also says its group."""
         alive = scores[~torch.isnan(scores)]
-        best = int(torch.nan_to_num(scores, nan=-torch.inf).argmax()) if len(alive) else None
+        at = int(torch.nan_to_num(scores, nan=-torch.inf).argmax()) if len(alive) else None
+        best = None
+        if at is not None:
+            unit = at if units is None else int(units[at])
+            best = {"unit": unit, "score": float(scores[at])}
+            if groups is not None:
+                best["group"] = int(groups[unit])
         return {
             "units": len(scores),
             "dead": int(torch.isnan(scores).sum()),
             "mean": float(alive.mean()) if len(alive) else float("nan"),
             "median": float(alive.median()) if len(alive) else float("nan"),
             "std": float(alive.std()) if len(alive) > 1 else float("nan"),
-            "best": None if best is None else {"unit": best, "score": float(scores[best])},
+            "best": best,
         }
+
+    def summaries(self) -> dict[str, dict[str, Any]]:
+        """Name -> summary: the SAE's concepts, each Matryoshka group's ("sae group g"), and
+        the raw neurons."""
+        out = {"sae": self.summary(self.scores, groups=self.groups)}
+        if self.groups is not None:
+            for g in range(int(self.groups.max()) + 1):
+                units = (self.groups == g).nonzero().flatten()
+                out[f"sae group {g}"] = self.summary(self.scores[units], units, self.groups)
+        if self.baseline is not None:
+            out["raw neurons"] = self.summary(self.baseline)
+        return out
 
 
 def store_monosemanticity(
@@ -138,14 +165,15 @@ def store_monosemanticity(
     baseline: bool = True,
 ) -> MSResult:
     """MS of every SAE concept (and, with ``baseline``, every raw neuron) over the store's
-    images, streaming shard by shard."""
+    images, streaming shard by shard; ``pooling`` also pools the raw neurons."""
+    batches = iter_pooled(store, sae, "vision", pooling, raw=baseline)  # checks the store first
     pairs, emb = align_embeddings(store, embeddings)
     row_of = {p: i for i, p in enumerate(pairs.tolist())}
     acc = MSAccumulator(sae.n_concepts, emb.shape[1])
     raw_acc = None
     if baseline:
         raw_acc = MSAccumulator(store.manifest.dims["vision"], emb.shape[1])
-    for batch in iter_pooled(store, sae, "vision", pooling, raw=baseline):
+    for batch in batches:
         take = [(b, row_of[p]) for b, p in enumerate(batch.pairs.tolist()) if p in row_of]
         if not take:
             continue
@@ -154,7 +182,7 @@ def store_monosemanticity(
         acc.add(batch.codes.index_select(0, local), e)
         if raw_acc is not None:
             raw_acc.add(batch.raw[local], e)
-    return MSResult(acc.scores(), raw_acc.scores() if raw_acc else None, acc.n)
+    return MSResult(acc.scores(), raw_acc.scores() if raw_acc else None, acc.n, group_levels(sae))
 
 
 def histogram(result: MSResult, out: Path, bins: int = 50) -> Path:
