@@ -34,7 +34,7 @@ from ..validation import describe_validation_error
 PROG = "vlsae-guard"
 EXIT_ERROR = 2
 # The modules that register the subcommands, in the order `vlsae-guard --help` lists them.
-GROUPS = ("checkpoints", "bench", "pipeline", "concepts", "serve")
+GROUPS = ("checkpoints", "bench", "pipeline", "concepts", "steer", "serve")
 
 Handler = Callable[[argparse.Namespace], None]
 M = TypeVar("M", bound=BaseModel)
