@@ -387,10 +387,14 @@ def test_training_keeps_the_k_times_rows_largest_of_the_batch():
 def test_threshold_update_is_a_running_mean_of_the_smallest_kept():
     sae = make_batchtopk("batchtopk", threshold=-1.0)
     first = Codes(torch.tensor([[0.0, 2.0, 0.5]]), torch.tensor([[0, 1, 2]]), N)
-    sae.update_threshold(first, beta=0.9)
+    sae.update_threshold(sae.smallest_kept(first), beta=0.9)
     assert float(sae.threshold) == 0.5  # the first update sets it
-    sae.update_threshold(Codes(torch.tensor([[1.5]]), torch.tensor([[3]]), N), beta=0.9)
+    sae.update_threshold(torch.tensor(1.5), beta=0.9)
     assert float(sae.threshold) == pytest.approx(0.9 * 0.5 + 0.1 * 1.5)
+    sae.update_threshold(
+        sae.smallest_kept(Codes(torch.zeros(1, 2), torch.zeros(1, 2).long(), N)), 0.9
+    )
+    assert float(sae.threshold) == pytest.approx(0.9 * (0.9 * 0.5 + 0.1 * 1.5))  # none kept: 0
 
 
 def test_matryoshka_prefixes_add_up_group_by_group():

@@ -153,11 +153,21 @@ def test_aux_k_sends_gradient_to_dead_concepts():
 # --- resume, early stopping, refusals -----------------------------------------------------------
 
 
-@pytest.mark.parametrize(("stage", "kill_at"), [("align", 13), ("sae", 11)])
-def test_resume_after_kill_equals_uninterrupted(small_store, tmp_path, monkeypatch, stage, kill_at):
+@pytest.mark.parametrize(
+    ("stage", "kill_at", "architecture"),
+    [("align", 13, "vl-sae"), ("sae", 11, "vl-sae"), ("sae", 11, "matryoshka")],
+)
+def test_resume_after_kill_equals_uninterrupted(
+    small_store, tmp_path, monkeypatch, stage, kill_at, architecture
+):
     """Killed mid-epoch (stage 1 or 2), resumed from the step-10 checkpoint: the same weights
-    and metrics as a run that was never interrupted."""
-    settings = dict(checkpoint_every=5, align={"epochs": 3, "batch_size": 32, "lr": 1e-3})
+    (Matryoshka: its threshold too, updated from step 3 on) and metrics as a run that was never
+    interrupted."""
+    settings = dict(checkpoint_every=5, architecture=architecture)
+    if architecture == "vl-sae":
+        settings["align"] = {"epochs": 3, "batch_size": 32, "lr": 1e-3}
+    else:
+        settings["threshold_start"] = 3
     whole = train(small_config(small_store, tmp_path / "whole", **settings))
 
     from vlsae_guard.pipeline import train as train_module
@@ -165,11 +175,11 @@ def test_resume_after_kill_equals_uninterrupted(small_store, tmp_path, monkeypat
     objective = train_module.AlignObjective if stage == "align" else train_module.SAEObjective
     original, calls = objective.forward, []
 
-    def dying(self, v, t):
+    def dying(self, *rows):
         calls.append(1)
         if len(calls) == kill_at:  # after the checkpoint of step 10
             raise KeyboardInterrupt
-        return original(self, v, t)
+        return original(self, *rows)
 
     monkeypatch.setattr(objective, "forward", dying)
     with pytest.raises(KeyboardInterrupt):
@@ -181,6 +191,8 @@ def test_resume_after_kill_equals_uninterrupted(small_store, tmp_path, monkeypat
     resumed = train(small_config(small_store, tmp_path / "cut", **settings))
     for name, tensor in whole.sae.state_dict().items():
         assert torch.equal(tensor, resumed.sae.state_dict()[name]), name
+    if architecture == "matryoshka":
+        assert state["model"]["sae.threshold"] > 0 and resumed.sae.threshold > 0
     drop = ("steps_per_second",)
     strip = [{k: v for k, v in h.items() if k not in drop} for h in whole.history]
     assert strip == [{k: v for k, v in h.items() if k not in drop} for h in resumed.history]
@@ -194,6 +206,17 @@ def test_resume_refuses_other_settings(small_store, tmp_path):
         train(small_config(small_store, tmp_path / "a", epochs=1, k=4))
     assert "k: was 3, now 4" in str(e.value)
     train(small_config(small_store, tmp_path / "a", epochs=1, progress=True, device="cpu"))
+    # A state written before a setting existed resumes when the setting is at its default.
+    state = torch.load(tmp_path / "a" / STATE, weights_only=True)
+    del state["settings"]["threshold_beta"], state["settings"]["group_fractions"]
+    torch.save(state, tmp_path / "a" / STATE)
+    train(small_config(small_store, tmp_path / "a", epochs=1))
+    with pytest.raises(TrainError, match="threshold_start: was 1000, now 5"):
+        train(
+            small_config(
+                small_store, tmp_path / "a", architecture="batchtopk", epochs=1, threshold_start=5
+            )
+        )
     (tmp_path / "b").mkdir()
     (tmp_path / "b/notes.txt").write_text("mine")
     with pytest.raises(TrainError, match="not empty"):
@@ -244,9 +267,9 @@ seen, final = [], {}
 rows, fit = Trainer._row_batches, Trainer._fit
 
 def spy_rows(self, *args):
-    for v, t in rows(self, *args):
-        seen.append([v[:, 0].tolist(), t[:, 0].tolist()])
-        yield v, t
+    for batch in rows(self, *args):
+        seen.append([x[:, 0].tolist() for x in batch])
+        yield batch
 
 def spy_fit(self, stage, objective, *args, **kwargs):
     fit(self, stage, objective, *args, **kwargs)
@@ -269,6 +292,20 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _torchrun(tmp_path: Path, config: str, *collect: str) -> tuple[Path, Path]:
+    """_DDP_SCRIPT under torchrun, 2 CPU processes on gloo; (the script, the ranks' logs)."""
+    script = tmp_path / "ddp.py"
+    script.write_text(_DDP_SCRIPT)
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(TESTS.parent)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2"]
+    cmd += ["--master-port", str(_free_port()), str(script), config, str(logs), *collect]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return script, logs
+
+
 @pytest.mark.slow
 def test_torchrun_two_processes_match_one(
     small_store, tmp_path, monkeypatch, tiny_hf_dir, hf_model_and_processor, caption_pairs
@@ -277,11 +314,6 @@ def test_torchrun_two_processes_match_one(
     (disjoint halves that together are the single-process batch); both end with the same
     weights, close to the single-process run's. Collection: the ranks' shards make the same
     store as one process."""
-    script = tmp_path / "ddp.py"
-    script.write_text(_DDP_SCRIPT)
-    logs = tmp_path / "logs"
-    logs.mkdir()
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(TESTS.parent)}
 
     def config(out: Path) -> str:
         return small_config(small_store, out, epochs=2).model_dump_json()
@@ -291,11 +323,9 @@ def test_torchrun_two_processes_match_one(
         settings = dict(site="layer:1", batch_size=2, pairs_per_shard=3, progress=False)
         return CollectConfig(model=str(tiny_hf_dir), out=out, data=data, **settings)
 
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2"]
-    cmd += ["--master-port", str(_free_port()), str(script), config(tmp_path / "ddp"), str(logs)]
-    cmd.append(collect_config(tmp_path / "store2").model_dump_json())
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    script, logs = _torchrun(
+        tmp_path, config(tmp_path / "ddp"), collect_config(tmp_path / "store2").model_dump_json()
+    )
     # The same script in this process, one rank (the spies it installs are undone afterwards).
     for name in ("_row_batches", "_fit"):
         monkeypatch.setattr(Trainer, name, getattr(Trainer, name))
@@ -305,7 +335,7 @@ def test_torchrun_two_processes_match_one(
     assert r0["final"] == r1["final"]
     assert len(r0["seen"]) == len(r1["seen"]) == len(single["seen"]) > 0
     for whole, a, b in zip(single["seen"], r0["seen"], r1["seen"], strict=True):
-        for m in range(2):
+        for m in range(len(whole)):
             assert len(a[m]) == len(b[m]) == len(whole[m]) // 2
             assert sorted(a[m] + b[m]) == sorted(whole[m]) and not set(a[m]) & set(b[m])
     for name, values in single["final"].items():
@@ -322,6 +352,20 @@ def test_torchrun_two_processes_match_one(
     for position in range(4):
         for name, tensor in one.load(position).items():
             torch.testing.assert_close(two.load(position)[name], tensor, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_torchrun_batchtopk_ranks_share_the_threshold(small_store, tmp_path):
+    """BatchTopK under torchrun: each rank reads vision rows only, and all end with the same
+    weights and threshold (from the smallest activation kept on any rank)."""
+    config = small_config(
+        small_store, tmp_path / "ddp", epochs=2, architecture="batchtopk", threshold_start=2
+    )
+    _, logs = _torchrun(tmp_path, config.model_dump_json())
+    r0, r1 = (json.loads((logs / f"rank-{n}.json").read_text()) for n in (0, 1))
+    assert r0["final"] == r1["final"] and r0["final"]["sae.threshold"] > 0
+    assert {len(batch) for batch in r0["seen"]} == {1}
+    assert load(tmp_path / "ddp").threshold > 0
 
 
 # --- end to end -------------------------------------------------------------------------------

@@ -220,7 +220,7 @@ _ALIGN_ARGS = (
 
 @subcommand(
     "train",
-    "train a VL-SAE (optionally with the auxiliary alignment AE) on a collected store",
+    "train a VL-SAE (optionally with the auxiliary alignment AE) or a vision-only SAE on a store",
     _CONFIG,
     _train(
         "store",
@@ -230,7 +230,13 @@ _ALIGN_ARGS = (
         help="store written by `vlsae-guard collect`",
     ),
     _train("out", "--out", type=Path, metavar="DIR", help="checkpoint folder (a rerun resumes it)"),
-    _train("architecture", "--architecture", choices=field_choices(TrainConfig, "architecture")),
+    _train(
+        "architecture",
+        "--architecture",
+        "--arch",
+        choices=field_choices(TrainConfig, "architecture"),
+        help="batchtopk, matryoshka: vision rows only",
+    ),
     _train("n_concepts", "--n-concepts", type=int, unset="expansion x d_in", help="concepts"),
     _train("expansion", "--expansion", type=int, help="concepts per input dimension"),
     _train("k", "--k", type=int, help="active concepts per row"),
@@ -253,6 +259,27 @@ _ALIGN_ARGS = (
     ),
     _train("init", "--init", choices=field_choices(TrainConfig, "init")),
     _train("window", "--window", type=int, help="shards loaded and shuffled together"),
+    _train(
+        "threshold_beta",
+        "--threshold-beta",
+        type=float,
+        help="batchtopk/matryoshka: weight of the old threshold in its running mean",
+    ),
+    _train(
+        "threshold_start",
+        "--threshold-start",
+        type=int,
+        metavar="STEPS",
+        help="batchtopk/matryoshka: steps before the threshold is updated",
+    ),
+    _train(
+        "group_fractions",
+        "--group-fractions",
+        type=float,
+        nargs="+",
+        metavar="F",
+        help="matryoshka: the nested groups' shares of the concepts (sum 1)",
+    ),
     arg("--align", action="store_const", const=True, help="run stage 1 (alignment AE) first"),
     *_ALIGN_ARGS,
     _train("seed", "--seed", type=int),
@@ -272,8 +299,10 @@ _ALIGN_ARGS = (
 def train_command(args: argparse.Namespace) -> None:
     """Train on a store: stage 1 (optional) aligns the modalities with an auxiliary AE, stage 2
     trains the SAE with a held-out split, best-validation checkpointing and early stopping; the
-    shared-concept set is computed at the end and stored in the checkpoint's config. Rerun the
-    same command to resume. Multi-GPU: torchrun --nproc-per-node N -m vlsae_guard.cli train ..."""
+    shared-concept set (SAEs of both modalities) is computed at the end and stored in the
+    checkpoint's config. --arch batchtopk|matryoshka train on the vision rows only and learn an
+    inference threshold. Rerun the same command to resume. Multi-GPU: torchrun --nproc-per-node
+    N -m vlsae_guard.cli train ..."""
     from ..pipeline.store import StoreError
     from ..pipeline.train import TrainError, train
 
@@ -288,12 +317,18 @@ def train_command(args: argparse.Namespace) -> None:
         raise UsageError(str(e)) from e
     if not result.is_main:
         return
-    stats = result.sae.config.stats
-    print(summary(result.sae.config, result.out))
+    config, modalities = result.sae.config, result.sae.modalities
+    stats = config.stats
+    print(summary(config, result.out))
+    variance = ", ".join(f"{m} {stats[f'explained_variance_{m}']:.3f}" for m in modalities)
+    l0 = "/".join(f"{stats[f'l0_{m}']:.1f}" for m in modalities)
+    overlap = stats.get("cross_modal_overlap")
     print(
-        f"best epoch   {int(stats['epoch'])}: explained variance vision "
-        f"{stats['explained_variance_vision']:.3f}, text {stats['explained_variance_text']:.3f}; "
-        f"L0 {stats['l0_vision']:.1f}/{stats['l0_text']:.1f}; dead "
-        f"{stats['dead_fraction']:.1%}; cross-modal overlap {stats['cross_modal_overlap']:.3f}"
+        f"best epoch   {int(stats['epoch'])}: explained variance {variance}; L0 {l0}; dead "
+        f"{stats['dead_fraction']:.1%}"
+        + ("" if overlap is None else f"; cross-modal overlap {overlap:.3f}")
     )
-    print(f"shared       {len(result.sae.config.shared_concepts)} concepts")
+    if config.shared_concepts is not None:
+        print(f"shared       {len(config.shared_concepts)} concepts")
+    if "threshold" in stats:
+        print(f"threshold    {stats['threshold']:.4g} (inference keeps activations above it)")

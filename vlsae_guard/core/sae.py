@@ -391,13 +391,19 @@ class BatchTopKSAE(SparseAutoencoder):
         top, idx = kept.topk(width, dim=-1, sorted=False)
         return Codes(top, idx, self.n_concepts)
 
+    @staticmethod
+    def smallest_kept(codes: Codes) -> Tensor:
+        """The smallest positive activation of ``codes`` (inf if none), detached."""
+        values = codes.values.detach().float()
+        return torch.where(values > 0, values, torch.inf).min()
+
     @torch.no_grad()
-    def update_threshold(self, codes: Codes, beta: float) -> None:
-        """``threshold <- beta threshold + (1 - beta) min(active)`` (the first update sets it),
-        dictionary_learning's rule; call it after a training step's BatchTopK."""
-        active = codes.values[codes.values > 0]
-        low = active.min().float() if active.numel() else torch.tensor(0.0)
-        low = low.to(self.threshold)
+    def update_threshold(self, low: Tensor, beta: float) -> None:
+        """``threshold <- beta threshold + (1 - beta) low``, the first update setting it:
+        dictionary_learning's rule, ``low`` being the smallest activation a training step's
+        BatchTopK kept (:meth:`smallest_kept`; inf, none kept, counts as 0 as there)."""
+        low = torch.as_tensor(low, dtype=torch.float32).to(self.threshold)
+        low = torch.where(torch.isfinite(low), low, torch.zeros_like(low))
         self.threshold.copy_(
             low if self.threshold < 0 else beta * self.threshold + (1 - beta) * low
         )

@@ -1,4 +1,5 @@
-"""Train a VL-SAE (optionally after the auxiliary alignment AE) on a collected store.
+"""Train a VL-SAE (optionally after the auxiliary alignment AE), an ablation, or a vision-only
+BatchTopK / Matryoshka SAE on a collected store.
 
 config (the settings), streams (rows by windows of shards, in batches), objectives (what each
 stage minimises), metrics (what it measures), initialise, optim (schedule, mixed precision),

@@ -21,28 +21,31 @@ def seeded(make: Callable[[], nn.Module], seed: int) -> nn.Module:
 
 @torch.no_grad()
 def initialise(sae: SparseAutoencoder, streams: Streams, init: str, seed: int) -> None:
-    """Decoder biases = data means; with ``init="data"``, concept directions = data rows.
+    """Decoder biases = data means; with ``init="data"``, concept directions = data rows (an
+    equal share from each modality the SAE reads).
 
     Drawn from the first windows of epoch 0 (the same on every rank).
     """
-    rows: dict[str, list[Tensor]] = {"vision": [], "text": []}
+    rows: dict[str, list[Tensor]] = {m: [] for m in sae.modalities}
     have = 0
     for positions in streams.windows("train", 0):
         data = streams.load(positions, "train")
         for m in rows:
             rows[m].append(data[m])
-        have += len(data["vision"]) + len(data["text"])
+            have += len(data[m])
         if have >= 2 * sae.n_concepts:
             break
     data = {m: torch.cat(r) for m, r in rows.items()}
-    for m in ("vision", "text"):
+    for m in sae.modalities:
         sae.decoder_for(m).bias.copy_(data[m].mean(0))
     if init != "data":
         return
     gen = generator(seed, 4)
-    half = sae.n_concepts // 2
+    others = len(rows) - 1
+    share = sae.n_concepts // len(rows)
+    counts = [share] * others + [sae.n_concepts - share * others]
     picks = []
-    for m, count in (("vision", half), ("text", sae.n_concepts - half)):
+    for m, count in zip(sae.modalities, counts, strict=True):
         x = data[m] - data[m].mean(0)
         idx = torch.randperm(len(x), generator=gen)[:count]
         picks.append(x[idx.to(x.device)])
@@ -59,5 +62,5 @@ def initialise(sae: SparseAutoencoder, streams: Streams, init: str, seed: int) -
             "text_encoder.weight",
         ):
             param.copy_(unit if name == "encoder" else unit * (param.shape[1] ** -0.5))
-    for m in ("vision", "text"):
+    for m in sae.modalities:
         sae.decoder_for(m).weight.copy_(0.1 * unit)

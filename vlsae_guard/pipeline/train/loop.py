@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from ...core.checkpoint import load, save
-from ...core.sae import AuxiliaryAE, SparseAutoencoder, build
+from ...core.sae import AuxiliaryAE, BatchTopKSAE, SparseAutoencoder, build
 from ...core.sae_config import AuxConfig, Source
 from ...provenance import environment
 from ..distributed import Dist
@@ -27,7 +27,7 @@ from ..store import ActivationStore
 from .config import AlignConfig, TrainConfig
 from .initialise import initialise, seeded
 from .metrics import frequencies, shared_concepts, validate_align, validate_sae
-from .objectives import AlignObjective, DeadConcepts, SAEObjective
+from .objectives import AlignObjective, DeadConcepts, SAEObjective, Threshold
 from .optim import amp, warmup_cosine
 from .records import Progress, Resume, Stateful, write_frequencies, write_history
 from .streams import Streams
@@ -53,9 +53,15 @@ class Trainer:
         self.out = Path(config.out)
         self.store = ActivationStore(config.store)
         self.manifest = self.store.manifest
-        config.check_fits(self.manifest.site, self.manifest.dims, self.dist.world)
+        config.check_fits(self.manifest, self.dist.world)
         self.streams = Streams(
-            self.store, config.val_fraction, config.seed, config.window, self.dist, self.device
+            self.store,
+            config.val_fraction,
+            config.seed,
+            config.window,
+            self.dist,
+            self.device,
+            config.modalities,
         )
         self.autocast, _ = amp(config.amp, self.device)
         self.environment = environment()
@@ -136,10 +142,19 @@ class Trainer:
         params = [p for p in sae.parameters() if p.requires_grad]
         optimizer = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
+        threshold = None
+        if isinstance(sae, BatchTopKSAE):
+            threshold = Threshold(sae, cfg.threshold_beta, cfg.threshold_start, self.dist)
+
         def before_step() -> None:
             objective.dead = dead.dead()
 
-        def validate() -> dict[str, float]:
+        def after_step(parts: dict[str, Tensor]) -> None:
+            dead.update(parts["fired"])
+            if threshold is not None:  # progress.global_step: the step just taken, from 0
+                threshold.update(parts["low"], self.progress.global_step)
+
+        def validate() -> dict[str, Any]:
             metrics = validate_sae(sae, self.streams, self.autocast)
             metrics["dead_fraction"] = dead.epoch_dead_fraction()
             return metrics
@@ -157,7 +172,7 @@ class Trainer:
             on_best,
             cfg,
             before_step=before_step,
-            after_step=lambda parts: dead.update(parts["fired"]),
+            after_step=after_step,
             extra_state=lambda: {
                 **dead.state(),
                 "aux": aux.state_dict() if aux is not None else {},
@@ -169,28 +184,39 @@ class Trainer:
         best = load(self.out, device=self.device)
         return self._finish(best)
 
-    def _row_batches(self, epoch: int, batch: int, skip: int) -> Iterator[tuple[Tensor, Tensor]]:
+    def _row_batches(self, epoch: int, batch: int, skip: int) -> Iterator[tuple[Tensor, ...]]:
         """Stage 2's batches (a method, so that a test can watch what each rank is fed)."""
         return self.streams.row_batches(epoch, batch, skip)
 
     def _finish(self, sae: SparseAutoencoder) -> SparseAutoencoder:
-        """Shared concepts and final statistics into the best checkpoint; mark the run done."""
+        """Shared concepts (SAEs of both modalities) and final statistics into the best
+        checkpoint; mark the run done."""
         freq = frequencies(sae, self.streams)
-        shared = shared_concepts(freq["vision"], freq["text"], self.config.shared_threshold)
         best = self.progress.history[self.progress.best_epoch]
         stats = {k: float(v) for k, v in best.items() if isinstance(v, int | float)}
-        stats["n_shared"] = float(len(shared))
+        shared, cut = None, None
+        if len(sae.modalities) == 2:
+            cut = self.config.shared_threshold
+            shared = shared_concepts(freq["vision"], freq["text"], cut)
+            stats["n_shared"] = float(len(shared))
+            log.info("shared concepts: %d of %d", len(shared), sae.n_concepts)
+        elif float(sae.threshold) < 0:
+            log.warning(
+                "the threshold was never set (%d steps, threshold_start %d): inference keeps "
+                "every positive activation",
+                self.progress.global_step,
+                self.config.threshold_start,
+            )
         if self.align_history:
             best_align = min(self.align_history, key=lambda h: h["val_loss"])
             stats["align_val_retrieval_accuracy"] = best_align["val_retrieval_accuracy"]
         sae = sae.with_config(shared_concepts=shared, stats=stats)
         if self.dist.is_main:
             save(sae, self.out)
-            write_frequencies(self.out, freq, self.config.shared_threshold)
+            write_frequencies(self.out, freq, cut)
             self._write_history(done=True)
             self.resume.save("done", {}, self.progress)
         self.dist.barrier()
-        log.info("shared concepts: %d of %d", len(shared), sae.n_concepts)
         return sae.cpu()
 
     # -- the loop ------------------------------------------------------------------------------
@@ -200,8 +226,8 @@ class Trainer:
         stage: str,
         objective: nn.Module,
         optimizer: torch.optim.Optimizer,
-        batches: Callable[[int, int], Iterator[tuple[Tensor, Tensor]]],
-        validate: Callable[[], dict[str, float]],
+        batches: Callable[[int, int], Iterator[tuple[Tensor, ...]]],
+        validate: Callable[[], dict[str, Any]],
         on_best: Callable[[], None],
         settings: AlignConfig | TrainConfig,
         *,
@@ -213,7 +239,8 @@ class Trainer:
         """Epochs of one stage with early stopping, checkpoints and resume.
 
         ``settings`` gives the stage's epochs, warm-up, patience and batch size;
-        ``batches(epoch, skip)`` the epoch's batches after the first ``skip``.
+        ``batches(epoch, skip)`` the epoch's batches after the first ``skip`` (each a tuple of
+        the objective's arguments).
         """
         from tqdm.auto import tqdm
 
@@ -261,11 +288,11 @@ class Trainer:
                 dynamic_ncols=True,
             )
             with bar:
-                for v, t in batches(epoch, progress.step):
+                for batch in batches(epoch, progress.step):
                     if before_step is not None:
                         before_step()
                     with self.autocast():
-                        loss, parts = model(v, t)
+                        loss, parts = model(*batch)
                     optimizer.zero_grad(set_to_none=True)
                     scaler.scale(loss).backward()
                     scaler.step(optimizer)
@@ -298,10 +325,14 @@ class Trainer:
         if progress.bad_epochs >= patience:
             log.info("%s: early stop after epoch %d (patience %d)", stage, progress.epoch, patience)
 
-    def _log_epoch(self, stage: str, metrics: dict[str, float]) -> None:
+    def _log_epoch(self, stage: str, metrics: dict[str, Any]) -> None:
         if not self.dist.is_main:
             return
-        shown = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if k not in ("epoch", "lr"))
+        shown = ", ".join(
+            f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+            for k, v in metrics.items()
+            if k not in ("epoch", "lr")
+        )
         log.info("%s epoch %d: %s", stage, metrics["epoch"], shown)
 
     def _write_history(self, done: bool) -> None:

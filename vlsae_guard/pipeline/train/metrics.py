@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from ...core.fit import Moments
-from ...core.sae import SparseAutoencoder
+from ...core.sae import BatchTopKSAE, SparseAutoencoder
 from .objectives import AlignObjective
 from .streams import Streams, pair_means
 
@@ -52,50 +52,65 @@ def validate_align(
 
 
 @torch.no_grad()
-def validate_sae(sae: SparseAutoencoder, streams: Streams, autocast: Any) -> dict[str, float]:
-    """Stage 2: reconstruction error, explained variance and L0 per modality on the validation
-    rows, and the cross-modal overlap of each pair's top-k concepts."""
-    d, device = sae.config.d_in, streams.device
-    moments = {m: Moments(d, device) for m in ("vision", "text")}
-    extra = torch.zeros(4, dtype=torch.float64, device=device)  # l0 v, l0 t, overlap, n
+def validate_sae(sae: SparseAutoencoder, streams: Streams, autocast: Any) -> dict[str, Any]:
+    """Stage 2: reconstruction error, explained variance and L0 (activations > 0) per modality
+    on the validation rows, and the cross-modal overlap of each pair's top-k concepts.
+
+    A BatchTopK SAE is measured as inference encodes once its threshold is set
+    (``val_encoding: threshold``), before that with BatchTopK over chunks of 4096 rows
+    (``batchtopk``); ``threshold`` records the value.
+    """
+    d, device, modalities = sae.config.d_in, streams.device, sae.modalities
+    moments = {m: Moments(d, device) for m in modalities}
+    l0 = torch.zeros(len(modalities), dtype=torch.float64, device=device)
+    pairs = torch.zeros(2, dtype=torch.float64, device=device)  # overlap sum, pair count
+    batch_topk = isinstance(sae, BatchTopKSAE) and float(sae.threshold) < 0
     was_training = sae.training
     sae.eval()
     for positions in streams.mine(streams.windows("val")):
         data = streams.load(positions, "val")
-        for j, m in enumerate(("vision", "text")):
+        for j, m in enumerate(modalities):
             for x in data[m].split(4096):
                 with autocast():
-                    codes = sae.encode_topk(x, m)
-                    recon = sae.decode(codes, m).float()
-                moments[m].add(x, recon)
-                extra[j] += (codes.values != 0).sum()
-        _, v, t = pair_means(data)
-        shared = overlap(sae.encode_topk(v, "vision").indices, sae.encode_topk(t, "text").indices)
-        extra[2] += shared.sum()
-        extra[3] += len(shared)
+                    if batch_topk:
+                        recon, codes, _ = sae.forward_train(x, m)
+                    else:
+                        codes = sae.encode_topk(x, m)
+                        recon = sae.decode(codes, m)
+                moments[m].add(x, recon.float())
+                l0[j] += (codes.values > 0).sum()
+        if len(modalities) == 2:
+            _, v, t = pair_means(data)
+            top = [sae.encode_topk(x, m).indices for x, m in ((v, "vision"), (t, "text"))]
+            shared = overlap(*top)
+            pairs[0] += shared.sum()
+            pairs[1] += len(shared)
     sae.train(was_training)
     for m in moments.values():
         streams.dist.sum_(m.sums)
-    streams.dist.sum_(extra)
-    return {
-        "val_loss": moments["vision"].mse(d) + moments["text"].mse(d),
-        "explained_variance_vision": moments["vision"].explained_variance(),
-        "explained_variance_text": moments["text"].explained_variance(),
-        "l0_vision": float(extra[0] / moments["vision"].sums[0].clamp_min(1)),
-        "l0_text": float(extra[1] / moments["text"].sums[0].clamp_min(1)),
-        "cross_modal_overlap": float(extra[2] / extra[3].clamp_min(1)),
-    }
+    streams.dist.sum_(l0)
+    streams.dist.sum_(pairs)
+    metrics: dict[str, Any] = {"val_loss": sum(moments[m].mse(d) for m in modalities)}
+    for j, m in enumerate(modalities):
+        metrics[f"explained_variance_{m}"] = moments[m].explained_variance()
+        metrics[f"l0_{m}"] = float(l0[j] / moments[m].sums[0].clamp_min(1))
+    if len(modalities) == 2:
+        metrics["cross_modal_overlap"] = float(pairs[0] / pairs[1].clamp_min(1))
+    if isinstance(sae, BatchTopKSAE):
+        metrics["val_encoding"] = "batchtopk" if batch_topk else "threshold"
+        metrics["threshold"] = float(sae.threshold)
+    return metrics
 
 
 @torch.no_grad()
 def firing_counts(sae: SparseAutoencoder, windows: Iterable[dict[str, Tensor]]) -> Tensor:
-    """(2, n_concepts + 1) float64: per modality, rows each concept fires on, then rows seen.
-
-    "Fires" = among the row's top-k with a non-zero activation.
+    """(modalities, n_concepts + 1) float64: per modality the SAE reads, rows each concept
+    fires on, then rows seen. "Fires" = encoded (top-k or above threshold) with a non-zero
+    activation.
     """
-    counts = torch.zeros(2, sae.n_concepts + 1, dtype=torch.float64)
+    counts = torch.zeros(len(sae.modalities), sae.n_concepts + 1, dtype=torch.float64)
     for data in windows:
-        for j, m in enumerate(("vision", "text")):
+        for j, m in enumerate(sae.modalities):
             for x in data[m].split(4096):
                 codes = sae.encode_topk(x.to(sae.device), m)
                 idx = codes.indices[codes.values > 0].cpu()
@@ -110,7 +125,7 @@ def frequencies(sae: SparseAutoencoder, streams: Streams) -> dict[str, Tensor]:
     counts = firing_counts(sae, (streams.load(p, "train") for p in windows)).to(streams.device)
     streams.dist.sum_(counts)
     freq = (counts[:, :-1] / counts[:, -1:].clamp_min(1)).float().cpu()
-    return {"vision": freq[0], "text": freq[1]}
+    return dict(zip(sae.modalities, freq, strict=True))
 
 
 def shared_concepts(freq_vision: Tensor, freq_text: Tensor, threshold: float) -> list[int]:

@@ -1,6 +1,6 @@
 """What each stage minimises: modules (so that DistributedDataParallel can wrap them) that
-return ``(loss, parts)``, ``parts`` being detached tensors the loop reads after the step; and
-the dead-concept count behind stage 2's auxiliary-k term.
+return ``(loss, parts)``, ``parts`` being detached tensors the loop reads after the step; the
+dead-concept count behind stage 2's auxiliary-k term; BatchTopK's inference threshold.
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ...core.sae import AuxiliaryAE, SparseAutoencoder
+from ...core.sae import AuxiliaryAE, BatchTopKSAE, MatryoshkaSAE, SparseAutoencoder
 from ..distributed import Dist
 from .config import AlignConfig
 
@@ -40,23 +40,32 @@ class AlignObjective(nn.Module):
 
 
 class SAEObjective(nn.Module):
-    """Stage 2: MSE(recon_v, v) + MSE(recon_t, t), plus the auxiliary-k term on dead concepts."""
+    """Stage 2: the sum over the SAE's modalities of MSE(recon, x), plus the auxiliary-k term on
+    dead concepts. Matryoshka's MSE is the mean over its prefix reconstructions' (groups 0..g,
+    uniform weights, as dictionary_learning's ``MatryoshkaBatchTopKTrainer``)."""
 
     def __init__(self, sae: SparseAutoencoder, k_aux: int, aux_coef: float):
         super().__init__()
         self.sae, self.k_aux, self.aux_coef = sae, k_aux, aux_coef
         self.dead: Tensor | None = None  # set by the trainer before each step
 
-    def forward(self, v: Tensor, t: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+    def forward(self, *rows: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        """``rows``: a batch of each of ``sae.modalities``, in that order."""
         loss, aux_loss, fired = 0.0, 0.0, []
-        for modality, x in (("vision", v), ("text", t)):
+        parts: dict[str, Tensor] = {}
+        for modality, x in zip(self.sae.modalities, rows, strict=True):
             out = self.sae.forward_train(x, modality, self.dead, self.k_aux)
-            loss = loss + F.mse_loss(out.recon.float(), x)
+            recons = [out.recon]
+            if isinstance(self.sae, MatryoshkaSAE):
+                recons = self.sae.prefix_reconstructions(out.codes)
+            loss = loss + sum(F.mse_loss(r.float(), x) for r in recons) / len(recons)
             if out.aux_recon is not None:
                 residual = (x - out.recon.float()).detach()
                 aux_loss = aux_loss + F.mse_loss(out.aux_recon.float(), residual)
             fired.append(out.codes.indices[out.codes.values > 0])
-        parts = {"mse": loss.detach(), "fired": torch.cat(fired)}
+            if isinstance(self.sae, BatchTopKSAE):
+                parts["low"] = BatchTopKSAE.smallest_kept(out.codes)
+        parts |= {"mse": loss.detach(), "fired": torch.cat(fired)}
         if torch.is_tensor(aux_loss):
             parts["aux_k"] = aux_loss.detach()
             loss = loss + self.aux_coef * aux_loss
@@ -99,3 +108,25 @@ class DeadConcepts:
     def restore(self, state: dict[str, Tensor]) -> None:
         self.rows_since.copy_(state["rows_since"])
         self.fired_epoch.copy_(state["fired_epoch"])
+
+
+class Threshold:
+    """BatchTopK's inference threshold, updated after each step from step ``start`` on
+    (``BatchTopKSAE.update_threshold``: dictionary_learning's running mean, weight ``beta``).
+
+    It reads the smallest activation BatchTopK kept on *any* rank, so every rank holds the same
+    threshold (DDP would otherwise broadcast rank 0's, from rank 0's rows only, at the next
+    forward). It is a buffer of the SAE: checkpoints and the resume state carry it.
+    """
+
+    def __init__(self, sae: BatchTopKSAE, beta: float, start: int, dist: Dist):
+        self.sae, self.beta, self.start, self.dist = sae, beta, start, dist
+
+    def update(self, low: Tensor, step: int) -> None:
+        """After step ``step`` (0-based); ``low``: this rank's ``smallest_kept``."""
+        if step < self.start:
+            return
+        lows = low.new_zeros(self.dist.world)  # one slot per rank: a min from a sum
+        lows[self.dist.rank] = low if torch.isfinite(low) else 0  # 0: nothing fired, ignored
+        self.dist.sum_(lows)
+        self.sae.update_threshold(torch.where(lows > 0, lows, torch.inf).min(), self.beta)

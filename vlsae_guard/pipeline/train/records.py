@@ -41,9 +41,9 @@ class Progress:
     best: float = math.inf
     best_epoch: int = -1
     bad_epochs: int = 0
-    history: list[dict[str, float]] = field(default_factory=list)
+    history: list[dict[str, Any]] = field(default_factory=list)
 
-    def end_epoch(self, metrics: dict[str, float]) -> bool:
+    def end_epoch(self, metrics: dict[str, Any]) -> bool:
         """Record an epoch's metrics; True when its validation loss is the best so far."""
         self.history.append(metrics)
         better = metrics["val_loss"] < self.best
@@ -92,10 +92,11 @@ class Resume:
                 raise TrainError(f"{self.out}: exists, is not empty and holds no {STATE}")
             return None
         state = torch.load(self.file, map_location="cpu", weights_only=True)
+        # A field added since the state was written reads as its default (what the run did).
+        fields = TrainConfig.model_fields
+        was = {k: state["settings"].get(k, fields[k].get_default()) for k in self.settings}
         diffs = [
-            f"  {k}: was {state['settings'].get(k)!r}, now {v!r}"
-            for k, v in self.settings.items()
-            if state["settings"].get(k) != v
+            f"  {k}: was {was[k]!r}, now {v!r}" for k, v in self.settings.items() if was[k] != v
         ]
         if diffs:
             raise TrainError(
@@ -154,12 +155,8 @@ def write_history(
     write_text(Path(config.out) / HISTORY, json.dumps(record, indent=2) + "\n")
 
 
-def write_frequencies(out: Path, freq: dict[str, Tensor], threshold: float) -> None:
-    write_with(
-        out / FREQUENCIES,
-        lambda tmp: save_file(
-            {"vision": freq["vision"], "text": freq["text"]},
-            tmp,
-            metadata={"threshold": str(threshold)},
-        ),
-    )
+def write_frequencies(out: Path, freq: dict[str, Tensor], threshold: float | None) -> None:
+    """Per modality, the share of training rows each concept fires on; ``threshold``: the one
+    the shared-concept set was chosen with (None: a vision-only SAE has no such set)."""
+    metadata = None if threshold is None else {"threshold": str(threshold)}
+    write_with(out / FREQUENCIES, lambda tmp: save_file(freq, tmp, metadata=metadata))

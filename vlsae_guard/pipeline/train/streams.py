@@ -17,6 +17,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from ...core.sae_config import MODALITIES, Modality
 from ..distributed import Dist
 from ..store import ActivationStore
 from .config import TrainError
@@ -52,7 +53,8 @@ class Streams:
 
     The split is by pair (an image's rows never straddle it): a seeded permutation of the pair
     indices puts ``val_fraction`` of them in validation. Once stage 1 is trained, ``project``
-    maps rows into its space, and everything loaded afterwards comes projected.
+    maps rows into its space, and everything loaded afterwards comes projected. Stage 2 batches
+    the rows of ``modalities`` (a vision-only SAE: vision rows, the store may have no text).
     """
 
     def __init__(
@@ -63,8 +65,10 @@ class Streams:
         window: int,
         dist: Dist,
         device: torch.device,
+        modalities: tuple[Modality, ...] = MODALITIES,
     ):
         self.store, self.seed, self.window = store, seed, window
+        self.modalities = modalities
         self.dist, self.device = dist, device
         self.project: Callable[[Tensor, str], Tensor] | None = None
         n_pairs = store.manifest.pairs
@@ -132,7 +136,8 @@ class Streams:
     def steps(self, positions: list[int], batch: int, unit: Unit) -> int:
         """Steps of one training window: its pairs, or its longer modality's rows, per batch."""
         c = self.window_count("train", positions)
-        return _steps(c.pairs if unit == "pair" else max(c.vision, c.text), batch)
+        rows = max(getattr(c, m) for m in self.modalities)
+        return _steps(c.pairs if unit == "pair" else rows, batch)
 
     def epoch_steps(self, epoch: int, batch: int, unit: Unit) -> int:
         return sum(self.steps(p, batch, unit) for p in self.windows("train", epoch))
@@ -152,8 +157,9 @@ class Streams:
                 yield v[idx], t[idx]
             skip = 0
 
-    def row_batches(self, epoch: int, batch: int, skip: int) -> Iterator[tuple[Tensor, Tensor]]:
-        """Stage 2: global batches of ``batch`` rows per modality; this rank's slice of each.
+    def row_batches(self, epoch: int, batch: int, skip: int) -> Iterator[tuple[Tensor, ...]]:
+        """Stage 2: global batches of ``batch`` rows of each of ``modalities``; this rank's slice
+        of each.
 
         Per window, the modality with more rows sets the step count and the other one cycles.
         """
@@ -164,14 +170,14 @@ class Streams:
                 continue
             data = self.load(positions, "train")
             gen = generator(self.seed, 5, epoch, w)
-            perms = {m: torch.randperm(len(data[m]), generator=gen) for m in ("vision", "text")}
+            perms = {m: torch.randperm(len(data[m]), generator=gen) for m in self.modalities}
             for i in range(skip, steps):
                 pick = i * batch + torch.arange(batch)
                 out = []
-                for m in ("vision", "text"):
+                for m in self.modalities:
                     idx = perms[m][pick % len(perms[m])][self.dist.rank :: self.dist.world]
                     out.append(data[m][idx.to(self.device)])
-                yield out[0], out[1]
+                yield tuple(out)
             skip = 0
 
 
