@@ -3,6 +3,8 @@ and collection at that site."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from _support import one_thread  # noqa: F401
@@ -179,3 +181,40 @@ def test_collect_reads_every_token_of_the_layer_output(family, request, pairs_fi
         torch.testing.assert_close(three["vision"][i], expected, atol=1e-5, rtol=1e-5)
     manifest = (tmp_path / "1" / "manifest.json").read_text()
     assert '"site": "vision_tower"' in manifest and '"text": 0' in manifest
+
+
+def test_collect_train_matryoshka_and_steer_end_to_end(
+    hf_model_and_processor, tiny_hf_dir, tiny_images, tmp_path
+):
+    """The chain a user runs: collect at the vision tower, train a Matryoshka SAE there, steer
+    with it; it fits where it was trained, the clamp changes the answer, removal restores it."""
+    from vlsae_guard.cli import main
+    from vlsae_guard.core.checkpoint import load
+
+    lines = []
+    for i, image in enumerate(tiny.make_images(32, seed=5)):
+        image.save(tmp_path / f"{i}.png")
+        lines.append(json.dumps({"image": f"{i}.png", "caption": "an image", "id": str(i)}))
+    (tmp_path / "pairs.jsonl").write_text("\n".join(lines) + "\n")
+    site = f"vision_tower:{LAYER}"
+    store, out = tmp_path / "store", tmp_path / "sae"
+    common = ["--no-progress", "--device", "cpu"]
+    collect = ["collect", "--model", str(tiny_hf_dir), "--jsonl", str(tmp_path / "pairs.jsonl")]
+    assert main([*collect, "--out", str(store), "--site", site, *common]) == 0
+    train = ["train", "--store", str(store), "--out", str(out), "--arch", "matryoshka"]
+    settings = ["--n-concepts", "256", "--k", "8", "--epochs", "6", "--batch-size", "64"]
+    threshold = ["--threshold-start", "40", "--threshold-beta", "0.9", "--lr", "3e-3"]
+    assert main([*train, *settings, *threshold, *common]) == 0
+    sae = load(out)
+    assert sae.config.architecture == "matryoshka" and sae.config.source.place == site
+    assert float(sae.threshold) > 0 and sae.config.groups == [16, 32, 64, 144]
+    assert sae.config.stats["explained_variance_vision"] > 0.5
+
+    model, processor = hf_model_and_processor
+    case = Case(model, hf_inputs(processor, tiny_images[:2], QUESTIONS), 0)
+    baseline = case.generate()
+    with guard(model, out, site=site, steer={0: 100.0}) as handle:
+        steered = case.generate(handle.generate)
+    assert handle.fit.problem is None  # in place: no warning
+    assert not torch.equal(steered[1], baseline[1])
+    assert same(case.generate(), baseline)
