@@ -219,15 +219,19 @@ class VLLMCase:
     def prompt(self) -> str:
         return self.template.format(question=self.question)
 
-    def hf_reference(self, model_dir, images) -> dict[bool, list[tuple[int, ...]]]:
-        """Greedy token ids per image with the guard off (False) and on (True), one at a time."""
+    def hf_reference(
+        self, model_dir, images, sae=None, **settings
+    ) -> dict[bool, list[tuple[int, ...]]]:
+        """Greedy token ids per image with the guard off (False) and on (True), one at a time;
+        by default this case's SAE and alpha, else ``sae`` with the guard ``settings``."""
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
         model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.float32).eval()
         processor = AutoProcessor.from_pretrained(model_dir)
         out: dict[bool, list[tuple[int, ...]]] = {}
         for on in (False, True):
-            handle = guard(model, self.sae_dir, alpha=self.alpha) if on else None
+            settings = settings if sae is not None else {"alpha": self.alpha}
+            handle = guard(model, sae or self.sae_dir, **settings) if on else None
             try:
                 answers = []
                 for image in images:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vlsae_guard import SAEConfig, Source, build, guard
+from vlsae_guard import SAEConfig, Source, build
 from vlsae_guard.lab import tiny
 
 pytestmark = [
@@ -45,26 +45,8 @@ def vision_sae_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def reference(tiny_hf_dir, vision_sae_dir, vllm_case):
     """Greedy token ids per image, plain (False) and steered (True), from the HF guard."""
-    from transformers import AutoModelForImageTextToText, AutoProcessor
-
-    model = AutoModelForImageTextToText.from_pretrained(tiny_hf_dir, dtype=torch.float32).eval()
-    processor = AutoProcessor.from_pretrained(tiny_hf_dir)
-    out = {}
-    for on in (False, True):
-        site = f"vision_tower:{LAYER}"
-        handle = guard(model, vision_sae_dir, site=site, steer=STEER) if on else None
-        try:
-            answers = []
-            for image in IMAGES:
-                inputs = processor(images=[image], text=[vllm_case.prompt], return_tensors="pt")
-                with torch.no_grad():
-                    ids = model.generate(**inputs, max_new_tokens=vllm_case.steps, do_sample=False)
-                answers.append(tuple(ids[0, inputs["input_ids"].shape[1] :].tolist()))
-            out[on] = answers
-        finally:
-            if handle is not None:
-                handle.remove()
-    return out
+    site = f"vision_tower:{LAYER}"
+    return vllm_case.hf_reference(tiny_hf_dir, IMAGES, vision_sae_dir, site=site, steer=STEER)
 
 
 @pytest.fixture(scope="module")
