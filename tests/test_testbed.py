@@ -578,3 +578,30 @@ def test_testbed_evidence_on_the_fast_run(fast_run, capsys):
     assert saved["floor"] == 0.9
     assert "| 0 | context | stripes -> ring |" in capsys.readouterr().out
     assert bench.main(["--run", str(root / "missing")]) == 2
+
+
+# --- steering from the vision tower (issue 18) ----------------------------------------------------
+
+
+def test_steering_the_fast_model_from_its_vision_tower(fast_run, tmp_path, capsys):
+    """benchmarks/testbed_steer.py --fast on the fast run's cached model: a Matryoshka SAE at the
+    layer the model reads, each object's (concept, clamp) the best of its validation grid."""
+    root, _ = fast_run
+    spec = importlib.util.spec_from_file_location(
+        "steer_bench", ROOT / "benchmarks/testbed_steer.py"
+    )
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    argv = ["--fast", "--seeds", "0", "--cache", str(root / "cache"), "--out", str(tmp_path)]
+    assert bench.main(argv) == 0
+    (seed,) = json.loads((tmp_path / "steer.json").read_text())["seeds"]
+    assert seed["site"] == "vision_tower:0"  # the fast model reads its first of 2 vision layers
+    assert seed["sae"]["groups"] and seed["sae"]["threshold"] > 0
+    names = experiment.ExperimentConfig.fast().world.names
+    assert [o["object"] for o in seed["objects"]] == names
+    for o in seed["objects"]:
+        assert len(o["validation"]) == 2 * 2  # candidates x values
+        assert o["chosen"] == max(o["validation"], key=lambda t: t["gain"])
+        assert 0 <= o["yes_plain"] <= 100 and 0 <= o["yes_steered"] <= 100
+    assert seed["reconstruction"]["questions"] > 0
+    assert "| 0 | ball |" in capsys.readouterr().out

@@ -240,17 +240,7 @@ def train_saes(
     """Collect (projector; ``layer:L`` if a variant needs it) and train with the pipeline;
     the SAE folders and their training statistics, per site."""
     s = config.sae
-    pairs = out / "pairs.jsonl"
-    out.mkdir(parents=True, exist_ok=True)
-    images = world.write("train", out, questions=False)["images"]
-    scenes = world.splits["train"][: s.pairs]
-    pairs.write_text(
-        "".join(
-            json.dumps({"id": sc.name, "image": f"{images.name}/{sc.name}", "caption": sc.caption})
-            + "\n"
-            for sc in scenes
-        )
-    )
+    pairs = world.write_pairs(out, s.pairs)
     sites = {"projector": {}}
     if any(v.mode == "paper" for v in config.eval.variants):
         align = AlignConfig(epochs=s.align_epochs, batch_size=s.align_batch_size, lr=s.align_lr)

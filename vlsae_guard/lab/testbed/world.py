@@ -264,6 +264,20 @@ class World:
                 paths[kind].write_text("".join(json.dumps(q.record()) + "\n" for q in qs))
         return paths
 
+    def write_pairs(self, out: Path, n: int) -> Path:
+        """The first ``n`` training images with their captions as a pairs file (``collect``'s
+        jsonl; images written under ``out/images``)."""
+        images = self.write("train", out, questions=False)["images"]
+        pairs = out / "pairs.jsonl"
+        pairs.write_text(
+            "".join(
+                json.dumps({"id": s.name, "image": f"{images.name}/{s.name}", "caption": s.caption})
+                + "\n"
+                for s in self.splits["train"][:n]
+            )
+        )
+        return pairs
+
 
 def build_world(config: WorldConfig, seed: int) -> World:
     """All splits of the world for ``seed``; each split has its own random stream."""
