@@ -17,6 +17,10 @@ def test_model_args_split_into_ours_and_the_methods():
     assert config.arm == "none" and config.backend == "hf"
     config, settings = read_model_args({"pretrained": "m", "method": "vcd", "alpha": 2.0})
     assert config.arm == "vcd" and settings.alpha == 2.0
+    # lmms-eval hands JSON values over as text
+    steer = {"pretrained": "m", "sae": "s", "site": "vision_tower:0", "steer": '{"30": 131.5}'}
+    _, settings = read_model_args(steer)
+    assert settings.steer == {30: 131.5} and settings.site == "vision_tower:0"
 
 
 @pytest.mark.parametrize(
@@ -28,6 +32,7 @@ def test_model_args_split_into_ours_and_the_methods():
         ({"pretrained": "m", "method": "vcd", "backend": "vllm"}, "backend vllm runs"),
         ({"pretrained": "m", "backend": "tgi"}, "field backend"),
         ({"sae": "s"}, "field pretrained"),
+        ({"pretrained": "m", "sae": "s", "steer": "{30: 1}"}, "steer: not valid JSON"),
     ],
 )
 def test_bad_model_args_are_named(args, message):

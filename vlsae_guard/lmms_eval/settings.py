@@ -12,6 +12,7 @@ their ``until`` strings. One image per request (LLaVA-1.5's and LLaVA-NeXT's for
 
 from __future__ import annotations
 
+import json
 from typing import Any, Literal
 
 from pydantic import Field, ValidationError
@@ -46,6 +47,7 @@ class LmmsModelConfig(FrozenSettings):
 def read_model_args(args: dict[str, Any]) -> tuple[LmmsModelConfig, Any]:
     """The model's own settings and the method's (validated), from lmms-eval's parsed
     ``--model_args`` (a ``mode`` without ``method`` names the SAE method that runs it)."""
+    args = {k: _json(k, v) for k, v in args.items()}
     own = {k: v for k, v in args.items() if k in LmmsModelConfig.model_fields}
     rest = {k: v for k, v in args.items() if k not in own}
     if "method" not in own and "mode" in rest:
@@ -67,6 +69,17 @@ def read_model_args(args: dict[str, Any]) -> tuple[LmmsModelConfig, Any]:
             f"not {config.arm!r} (docs/serving.md, 'Methods under vLLM')"
         )
     return config, settings
+
+
+def _json(name: str, value: Any) -> Any:
+    """A JSON object or list given as text (``steer='{"12": 1.5}'``, ``engine_args``) parsed:
+    lmms-eval hands every value over as text, numbers and booleans aside."""
+    if not isinstance(value, str) or not value.strip().startswith(("{", "[")):
+        return value
+    try:
+        return json.loads(value)
+    except ValueError as e:
+        raise ValueError(f"vlsae_llava --model_args {name}: not valid JSON ({e})") from e
 
 
 def decoding_of(gen_kwargs: dict[str, Any]) -> tuple[Decoding, list[str]]:
