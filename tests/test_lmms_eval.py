@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from vlsae_guard import VLSAE, SAEConfig, Source
+from vlsae_guard import VLSAE, SAEConfig, Source, provenance
 from vlsae_guard.scoring import pope
 
 pytestmark = pytest.mark.lmms
@@ -68,6 +68,9 @@ def lmms_run(lab, name: str, model_args: str) -> list[dict]:
     (samples,) = out.glob("*/*_samples_pope_local.jsonl")
     (results,) = out.glob("*/*_results.json")
     rows = [json.loads(line) for line in samples.read_text().splitlines()]
+    (recorded,) = json.loads((out / "vlsae_llava.json").read_text())  # what decided the answers
+    assert recorded["model_sha256"] == provenance.sha256_dir(lab["model"])
+    assert recorded["method"] == ("vlsae" if "sae=" in model_args else "none")
     return sorted(rows, key=lambda r: r["doc_id"]), json.loads(results.read_text())
 
 

@@ -11,7 +11,11 @@ from lmms_eval.api.registry import register_model
 from .. import methods
 from ..harness import generation
 from . import MODEL_NAME
-from .settings import cut, decoding_of, read_model_args
+from .settings import cut, decoding_of, provenance_of, read_model_args
+
+# What decides each model's answers, per model built in this process: lmms-eval's results file
+# records only the model_args text, so the launcher writes these beside it.
+PROVENANCE: list[dict] = []
 
 
 @register_model(MODEL_NAME)  # lmms-eval's older registry; 0.7 resolves MODEL_REGISTRY_V2
@@ -37,6 +41,8 @@ class VLSAELlava(lmms):
             arms={cfg.arm: self.settings},
             image_aspect=cfg.image_aspect,
         )
+        self.provenance = provenance_of(cfg, self.settings)
+        PROVENANCE.append(self.provenance)
 
     def generate_until(self, requests) -> list[str]:
         """Answers in request order, batched by identical generation settings."""

@@ -13,15 +13,17 @@ their ``until`` strings. One image per request (LLaVA-1.5's and LLaVA-NeXT's for
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import Field, ValidationError
 
-from .. import methods
+from .. import methods, provenance
 from ..backends import ImageAspect
 from ..harness import generation
 from ..harness.generation import PROMPT_FORMATS, Decoding
 from ..validation import FrozenSettings, describe_validation_error
+from . import MODEL_NAME
 
 
 class LmmsModelConfig(FrozenSettings):
@@ -69,6 +71,23 @@ def read_model_args(args: dict[str, Any]) -> tuple[LmmsModelConfig, Any]:
             f"not {config.arm!r} (docs/serving.md, 'Methods under vLLM')"
         )
     return config, settings
+
+
+def provenance_of(config: LmmsModelConfig, settings) -> dict[str, Any]:
+    """The model's settings, the method's, and the hashes of the checkpoint and SAE folders."""
+
+    def digest(path: str | None) -> str | None:
+        return provenance.sha256_dir(Path(path)) if path and Path(path).is_dir() else None
+
+    return {
+        "model": MODEL_NAME,
+        **config.model_dump(mode="json"),
+        "method": config.arm,
+        "method_settings": settings.model_dump(mode="json"),
+        "model_sha256": digest(config.pretrained),
+        "sae_sha256": digest(config.sae),
+        "environment": provenance.environment(),
+    }
 
 
 def _json(name: str, value: Any) -> Any:
