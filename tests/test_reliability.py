@@ -300,6 +300,9 @@ def test_an_answer_file_with_records_of_another_key_is_refused(tmp_path):
         AnswerLog(path, "question_id", {"x": 1})
 
 
+OPTIONAL_MODULES = ("vlsae_guard.serving.model", "vlsae_guard.lmms_eval.model")
+
+
 def test_every_settings_model_refuses_unknown_fields_and_non_finite_numbers():
     """Settings people write (flags, files, environment) derive from validation.Settings; the
     files the package writes back from validation.Record. Nothing else is a pydantic model."""
@@ -314,8 +317,8 @@ def test_every_settings_model_refuses_unknown_fields_and_non_finite_numbers():
 
     models = []
     for info in pkgutil.walk_packages(vlsae_guard.__path__, "vlsae_guard."):
-        if info.name.endswith("__main__") or info.name == "vlsae_guard.serving.model":
-            continue  # the CLI's entry, and the module that needs vLLM
+        if info.name.endswith("__main__") or info.name in OPTIONAL_MODULES:
+            continue  # the CLI's entry, and the modules that need vLLM or lmms-eval
         module = importlib.import_module(info.name)
         models += [
             m
@@ -325,9 +328,16 @@ def test_every_settings_model_refuses_unknown_fields_and_non_finite_numbers():
     stray = [m.__qualname__ for m in models if not issubclass(m, Settings | Record)]
     assert models and not stray, stray
     settings = [m for m in models if issubclass(m, Settings)]
-    assert {"TrainConfig", "CollectConfig", "RunConfig", "GuardConfig", "ServeSettings"} <= {
-        m.__name__ for m in settings
-    }
+    assert {
+        "TrainConfig",
+        "CollectConfig",
+        "RunConfig",
+        "GuardConfig",
+        "ServeSettings",
+        "LmmsModelConfig",
+        "SteerScoreConfig",
+        "SteerLabConfig",
+    } <= {m.__name__ for m in settings}
     assert all(m.model_config["allow_inf_nan"] is False for m in settings)
     assert all(m.model_config["extra"] == "forbid" for m in models)
 
