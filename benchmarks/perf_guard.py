@@ -5,6 +5,10 @@
    for LLaVA-1.5-7B with the released VL-SAE size (goal: <= 1.02 end to end).
 2. Paper mode: the KV-cached implementation vs ``exact=True`` (the official semantics: the whole
    sequence re-run every step) at 64, 256 and 512 new tokens (goal: >= 20x at 512).
+3. The projector hook's share of a LLaVA-1.5-7B prefill, measured: a one-layer LLaVA whose text
+   layer is 7B-wide (4096 hidden, 11008 intermediate, 32 heads) prefills 576 image tokens and
+   its prompt; the guard's hook (the released VL-SAE's size, 32768 concepts, k 256) against
+   that decoder layer's time, times 32 layers (goal: <= 1.5%).
 
 Usage: ``python benchmarks/perf_guard.py [--steps 64 256 512] [--text-hidden 256 ...]``
 """
@@ -12,7 +16,10 @@ Usage: ``python benchmarks/perf_guard.py [--steps 64 256 512] [--text-hidden 256
 from __future__ import annotations
 
 import argparse
+import statistics
 import tempfile
+import time
+import warnings
 
 import torch
 from _models import llava_shaped_sizes
@@ -38,6 +45,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--skip-7b", action="store_true", help="leave out part 3 (about 5 GB)")
     return p.parse_args()
 
 
@@ -128,6 +136,65 @@ def main() -> None:
         "   (after the first token the two differ by design: the cached run keeps each\n"
         "    earlier position's shift from its own step, the exact run re-shifts them all)"
     )
+    if not args.skip_7b:
+        hook_share(args)
+
+
+def hook_share(args: argparse.Namespace) -> None:
+    """Part 3: times of the decoder layer and of the projector hook, in the same forwards."""
+    from vlsae_guard.backends import detect
+
+    sizes = dict(image_size=336, patch_size=14, text_hidden=4096, text_intermediate=11008,
+                 text_layers=1, text_heads=32)  # fmt: skip
+    with tempfile.TemporaryDirectory() as tmp:
+        directory = tiny.build_hf_llava(tmp, seed=args.seed, **sizes)
+        model = LlavaForConditionalGeneration.from_pretrained(directory).eval()
+        processor = AutoProcessor.from_pretrained(directory)
+    inputs = dict(
+        processor(images=tiny.make_images(1, seed=args.seed), text=[PROMPT], return_tensors="pt")
+    )
+    sae = VLSAE(SAEConfig(d_in=4096, n_concepts=32768, k=256)).eval()
+    backend = detect(model)
+    spans: dict[str, list[float]] = {"layer": [], "hook": []}
+
+    def timer(name: str, module: torch.nn.Module):
+        started = {}
+        pre = module.register_forward_pre_hook(lambda m, a: started.update(t=time.perf_counter()))
+        post = module.register_forward_hook(
+            lambda m, a, o: spans[name].append(time.perf_counter() - started["t"])
+        )
+        return pre, post
+
+    hooks = [*timer("layer", backend.decoder_layers()[0])]
+    shared = list(range(0, 32768, 2))
+    with warnings.catch_warnings(), guard(model, sae, alpha=1.0, shared_concepts=shared) as handle:
+        warnings.simplefilter("ignore")  # a random SAE's fit warning: its cost is what is timed
+        hook = handle.intervention
+        timed_hook = backend.projector().register_forward_hook(
+            lambda m, a, o: spans["hook"].append(_seconds(hook, o))
+        )
+        with torch.no_grad():
+            for _ in range(1 + args.repeats):
+                model(**inputs)
+        timed_hook.remove()
+    for h in hooks:
+        h.remove()
+    layer = statistics.median(spans["layer"][1:])
+    hook_s = statistics.median(spans["hook"][1:])
+    tokens = inputs["input_ids"].shape[1]
+    print(
+        f"\n3. LLaVA-1.5-7B prefill ({tokens} tokens, 576 of them image), measured on a one-layer"
+    )
+    print("   model with a 7B-wide text layer; the hook timed on the projector output it guards")
+    print(f"   decoder layer {layer:8.2f} s   hook {hook_s:8.2f} s   (median of {args.repeats})")
+    print(f"   hook / (32 x layer) = {100 * hook_s / (32 * layer):.2f}% of the 32 layers' prefill")
+
+
+def _seconds(intervention, output) -> float:
+    """Wall time of the guard's intervention on ``output`` (what the hook runs)."""
+    start = time.perf_counter()
+    intervention(output)
+    return time.perf_counter() - start
 
 
 if __name__ == "__main__":
