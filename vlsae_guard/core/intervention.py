@@ -226,11 +226,7 @@ class ProjectorIntervention:
     def build(cls, sae: SparseAutoencoder, config: GuardConfig) -> ProjectorIntervention:
         """Validate the settings against the SAE and resolve the shared set S."""
         n = sae.config.n_concepts
-        out_of_range = [c for c in (config.shared_concepts or []) + list(config.steer) if c >= n]
-        if out_of_range:
-            raise ValueError(
-                f"concept indices {out_of_range[:5]} are out of range for an SAE with {n} concepts"
-            )
+        check_concept_range((config.shared_concepts or []) + list(config.steer), n)
         ids = config.shared_concepts
         if ids is None:
             ids = sae.config.shared_concepts
@@ -291,6 +287,15 @@ class ProjectorIntervention:
         if cfg.steer:
             out = out + steer_delta(codes, decoder.weight, self._steer_idx, self._steer_val)
         return out.to(feats.device, dtype).reshape(shape)
+
+
+def check_concept_range(ids: list[int], n: int) -> None:
+    """Refuse concept indices an SAE with ``n`` concepts does not have (:class:`ValueError`)."""
+    out_of_range = [c for c in ids if c >= n]
+    if out_of_range:
+        raise ValueError(
+            f"concept indices {out_of_range[:5]} are out of range for an SAE with {n} concepts"
+        )
 
 
 def steer_tensors(steer: dict[int, float], sae: SparseAutoencoder) -> tuple[Tensor, Tensor]:

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from .checkpoint import check_compatible
-from .intervention import GuardConfig, steer_delta, steer_tensors
+from .intervention import GuardConfig, check_concept_range, steer_delta, steer_tensors
 from .sae import Codes, SparseAutoencoder
 from .sae_config import SAEConfig
 
@@ -38,12 +38,7 @@ class VisionTowerIntervention:
     """``D(z')`` (+ the error with ``keep_error``) for a layer's hidden states (..., d)."""
 
     def __init__(self, sae: SparseAutoencoder, config: GuardConfig):
-        n = sae.config.n_concepts
-        wrong = [c for c in config.steer if c >= n]
-        if wrong:
-            raise ValueError(
-                f"steer: concept indices {wrong[:5]} are out of range for an SAE with {n} concepts"
-            )
+        check_concept_range(list(config.steer), sae.config.n_concepts)
         self.sae = sae
         self.config = config
         self._steer_idx, self._steer_val = steer_tensors(config.steer, sae)

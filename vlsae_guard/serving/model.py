@@ -158,16 +158,16 @@ class _GuardedModel:
         layer = settings.guard.vision_layer
         objects = settings.object_map()
         try:
-            width = hf_config.text_config.hidden_size
             if layer is not None:
                 check_vision_site(sae.config, layer, *vision_tower_shape(hf_config), "the guard")
                 intervention = VisionTowerIntervention(sae, settings.guard)
-            elif objects is not None:
-                check_compatible(sae.config, "projector", "the vLLM guard", width, "the projector")
-                intervention = CueMask(sae, settings.guard, objects)
             else:
+                width = hf_config.text_config.hidden_size
                 check_compatible(sae.config, "projector", "the vLLM guard", width, "the projector")
-                intervention = ProjectorIntervention.build(sae, settings.guard)
+                if objects is not None:
+                    intervention = CueMask(sae, settings.guard, objects)
+                else:
+                    intervention = ProjectorIntervention.build(sae, settings.guard)
         except ValueError as e:
             raise PluginConfigError(f"{settings.sae}: {e}") from e
         # A submodule, so its tensors count and move with the model; buffers, so vLLM's
