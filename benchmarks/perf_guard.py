@@ -49,6 +49,16 @@ def parse_args() -> argparse.Namespace:
     return p.parse_args()
 
 
+def llava_with_prompt(sizes: dict[str, int], seed: int) -> tuple[torch.nn.Module, dict]:
+    """A random-weight LLaVA of these sizes and the processed PROMPT with one image."""
+    with tempfile.TemporaryDirectory() as tmp:
+        directory = tiny.build_hf_llava(tmp, seed=seed, **sizes)
+        model = LlavaForConditionalGeneration.from_pretrained(directory).eval()
+        processor = AutoProcessor.from_pretrained(directory)
+    images = tiny.make_images(1, seed=seed)
+    return model, dict(processor(images=images, text=[PROMPT], return_tensors="pt"))
+
+
 def projected_7b_ratio(new_tokens: int) -> float:
     """End-to-end FLOP ratio guarded / unguarded for LLaVA-1.5-7B + the released VL-SAE.
 
@@ -68,14 +78,7 @@ def projected_7b_ratio(new_tokens: int) -> float:
 def main() -> None:
     args = parse_args()
     torch.set_num_threads(args.threads)
-    sizes = llava_shaped_sizes(args)
-    with tempfile.TemporaryDirectory() as tmp:
-        directory = tiny.build_hf_llava(tmp, seed=args.seed, **sizes)
-        model = LlavaForConditionalGeneration.from_pretrained(directory).eval()
-        processor = AutoProcessor.from_pretrained(directory)
-    inputs = dict(
-        processor(images=tiny.make_images(1, seed=args.seed), text=[PROMPT], return_tensors="pt")
-    )
+    model, inputs = llava_with_prompt(llava_shaped_sizes(args), args.seed)
     torch.manual_seed(args.seed)
     sae = VLSAE(SAEConfig(d_in=args.text_hidden, n_concepts=args.concepts, k=args.k)).eval()
     n_image = int((inputs["input_ids"] == model.config.image_token_id).sum())
@@ -141,42 +144,39 @@ def main() -> None:
 
 
 def hook_share(args: argparse.Namespace) -> None:
-    """Part 3: times of the decoder layer and of the projector hook, in the same forwards."""
+    """Part 3: the decoder layer's time and the guard hook's, in the same forwards: forward
+    hooks on the projector just before and just after the guard's bracket what it runs."""
     from vlsae_guard.backends import detect
 
     sizes = dict(image_size=336, patch_size=14, text_hidden=4096, text_intermediate=11008,
                  text_layers=1, text_heads=32)  # fmt: skip
-    with tempfile.TemporaryDirectory() as tmp:
-        directory = tiny.build_hf_llava(tmp, seed=args.seed, **sizes)
-        model = LlavaForConditionalGeneration.from_pretrained(directory).eval()
-        processor = AutoProcessor.from_pretrained(directory)
-    inputs = dict(
-        processor(images=tiny.make_images(1, seed=args.seed), text=[PROMPT], return_tensors="pt")
-    )
+    model, inputs = llava_with_prompt(sizes, args.seed)
     sae = VLSAE(SAEConfig(d_in=4096, n_concepts=32768, k=256)).eval()
     backend = detect(model)
+    layer_module, projector = backend.decoder_layers()[0], backend.projector()
     spans: dict[str, list[float]] = {"layer": [], "hook": []}
+    started: dict[str, float] = {}
 
-    def timer(name: str, module: torch.nn.Module):
-        started = {}
-        pre = module.register_forward_pre_hook(lambda m, a: started.update(t=time.perf_counter()))
-        post = module.register_forward_hook(
-            lambda m, a, o: spans[name].append(time.perf_counter() - started["t"])
-        )
-        return pre, post
+    def start(name: str):
+        return lambda *_: started.update({name: time.perf_counter()})
 
-    hooks = [*timer("layer", backend.decoder_layers()[0])]
+    def stop(name: str):
+        return lambda *_: spans[name].append(time.perf_counter() - started[name])
+
+    hooks = [
+        layer_module.register_forward_pre_hook(start("layer")),
+        layer_module.register_forward_hook(stop("layer")),
+    ]
     shared = list(range(0, 32768, 2))
-    with warnings.catch_warnings(), guard(model, sae, alpha=1.0, shared_concepts=shared) as handle:
+    with warnings.catch_warnings(), guard(model, sae, alpha=1.0, shared_concepts=shared):
         warnings.simplefilter("ignore")  # a random SAE's fit warning: its cost is what is timed
-        hook = handle.intervention
-        timed_hook = backend.projector().register_forward_hook(
-            lambda m, a, o: spans["hook"].append(_seconds(hook, o))
-        )
+        hooks += [
+            projector.register_forward_hook(start("hook"), prepend=True),  # before the guard's
+            projector.register_forward_hook(stop("hook")),  # after it
+        ]
         with torch.no_grad():
             for _ in range(1 + args.repeats):
                 model(**inputs)
-        timed_hook.remove()
     for h in hooks:
         h.remove()
     layer = statistics.median(spans["layer"][1:])
@@ -185,16 +185,9 @@ def hook_share(args: argparse.Namespace) -> None:
     print(
         f"\n3. LLaVA-1.5-7B prefill ({tokens} tokens, 576 of them image), measured on a one-layer"
     )
-    print("   model with a 7B-wide text layer; the hook timed on the projector output it guards")
+    print("   model with a 7B-wide text layer; the guard's own projector hook timed in place")
     print(f"   decoder layer {layer:8.2f} s   hook {hook_s:8.2f} s   (median of {args.repeats})")
     print(f"   hook / (32 x layer) = {100 * hook_s / (32 * layer):.2f}% of the 32 layers' prefill")
-
-
-def _seconds(intervention, output) -> float:
-    """Wall time of the guard's intervention on ``output`` (what the hook runs)."""
-    start = time.perf_counter()
-    intervention(output)
-    return time.perf_counter() - start
 
 
 if __name__ == "__main__":
