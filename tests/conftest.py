@@ -245,6 +245,25 @@ class VLLMCase:
                     handle.remove()
         return out
 
+    def serve_offline(self, model_dir, sae_dir, **guard):
+        """An offline vLLM engine for ``model_dir`` guarding with ``sae_dir`` and the ``guard``
+        settings; yields it, then shuts it down (``yield from`` it in a fixture)."""
+        from vlsae_guard.serving.client import load_llm
+        from vlsae_guard.serving.settings import ServeSettings
+
+        settings = ServeSettings(sae=str(sae_dir), guard=guard)
+        llm = load_llm(str(model_dir), settings, **self.engine)
+        yield llm
+        llm.llm_engine.engine_core.shutdown()
+
+    def answers(self, llm, images, guard) -> list[tuple[int, ...]]:
+        """Greedy token ids per image from ``llm``; ``guard``: one switch, or one per image."""
+        from vlsae_guard.serving.client import generate_offline
+
+        prompts = [self.prompt] * len(images)
+        out = generate_offline(llm, images, prompts, guard=guard, max_tokens=self.steps)
+        return [a.token_ids for a in out]
+
     @staticmethod
     def read_log(path: Path) -> list[dict]:
         """The plugin's per-projector-call records (``VLSAE_GUARD_LOG``)."""

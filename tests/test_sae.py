@@ -444,3 +444,24 @@ def test_vision_saes_round_trip_through_checkpoints(architecture, tmp_path):
     assert float(loaded.threshold) == float(sae.threshold)
     x = randn(4, D, seed=6)
     assert torch.equal(loaded(x), sae(x))
+
+
+@pytest.mark.parametrize("dropped", ["half", "all", "none"])
+def test_decode_of_zeroed_slots_is_bitwise_the_full_gather(vlsae, dropped):
+    """The inference decode skips zero-valued slots (what the guard drops); the sum is the one
+    the full gather computes, bit for bit, including rows with every slot zeroed."""
+    codes = vlsae.encode_topk(randn(2, 6, D, seed=11))
+    keep = {"half": codes.indices % 2 == 0, "all": torch.zeros_like(codes.indices, dtype=bool),
+            "none": torch.ones_like(codes.indices, dtype=bool)}[dropped]  # fmt: skip
+    keep[0, 0] = False  # one row with every slot zeroed, whatever the case
+    masked = Codes(codes.values * keep, codes.indices, codes.n_concepts)
+    decoder = vlsae.vision_decoder
+    full = F.embedding_bag(
+        masked.indices.reshape(-1, K),
+        decoder.weight,
+        per_sample_weights=masked.values.reshape(-1, K),
+        mode="sum",
+    ).reshape(2, 6, D)
+    with torch.no_grad():
+        assert torch.equal(decoder.sparse(masked, bias=False), full)
+    assert torch.equal(decoder.sparse(masked, bias=False).detach(), full)  # the autograd path

@@ -19,8 +19,6 @@ pytestmark = [
 ]
 vllm = pytest.importorskip("vllm")
 
-from vlsae_guard.serving.client import generate_offline, load_llm  # noqa: E402
-from vlsae_guard.serving.settings import ServeSettings  # noqa: E402
 
 SIZES = tiny.TinySizes()
 LAYER = SIZES.vision_layers - 2  # the layer the tiny LLaVA reads (vision_feature_layer -2)
@@ -51,24 +49,17 @@ def reference(tiny_hf_dir, vision_sae_dir, vllm_case):
 
 @pytest.fixture(scope="module")
 def llm(tiny_hf_dir, vision_sae_dir, vllm_case):
-    guard_settings = {"site": f"vision_tower:{LAYER}", "steer": STEER}
-    settings = ServeSettings(sae=str(vision_sae_dir), guard=guard_settings)
-    engine = load_llm(str(tiny_hf_dir), settings, **vllm_case.engine)
-    yield engine
-    engine.llm_engine.engine_core.shutdown()
+    site = f"vision_tower:{LAYER}"
+    yield from vllm_case.serve_offline(tiny_hf_dir, vision_sae_dir, site=site, steer=STEER)
 
 
 def test_served_steering_equals_the_hf_guard_per_request(llm, reference, vllm_case):
     assert vllm_case.differs(reference) >= 2  # the clamp changes answers on the tiny model
-    prompts = [vllm_case.prompt] * len(IMAGES)
     for on in (True, False, True):
-        answers = generate_offline(llm, IMAGES, prompts, guard=on, max_tokens=vllm_case.steps)
-        assert [a.token_ids for a in answers] == reference[on], on
-    mixed = generate_offline(
-        llm, IMAGES, prompts, guard=[True, False, True], max_tokens=vllm_case.steps
-    )
+        assert vllm_case.answers(llm, IMAGES, on) == reference[on], on
+    mixed = vllm_case.answers(llm, IMAGES, [True, False, True])
     expected = [reference[True][0], reference[False][1], reference[True][2]]
-    assert [a.token_ids for a in mixed] == expected
+    assert mixed == expected
 
 
 def test_an_sae_for_another_site_is_refused_before_serving(tiny_hf_dir, tiny_sae_dir):

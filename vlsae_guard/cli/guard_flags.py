@@ -105,6 +105,8 @@ SITE_FLAGS = {
     "reconstruction with the steer concepts clamped",
     "pre_zero": "vision_tower site: zero every other concept before clamping",
     "keep_error": "vision_tower site: add back the SAE's error, so only the clamps change tokens",
+    "search": "each image token's top-k: full, or screened (bfloat16 first with a certified "
+    "bound; the same answer, faster on CPUs with AMX)",
 }
 SWITCHES = ("exact", "pre_zero", "keep_error")
 NUMBERS = ("beta", "c_alpha", "c_beta", "recall_floor", "min_conditional", "min_lift",

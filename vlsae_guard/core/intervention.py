@@ -17,6 +17,7 @@ from torch import Tensor
 from ..validation import FrozenSettings
 from .sae import Codes, SparseAutoencoder, TopKTies
 from .sae_config import vision_tower_layer
+from .screen import ScreenedSearch
 
 # |steer value| bound: concept activations of real SAEs are O(1-100); the bound keeps a typo
 # (1e308) from overflowing to inf in the SAE's dtype and emptying every answer.
@@ -56,6 +57,10 @@ class GuardConfig(FrozenSettings):
     pre_zero: bool = False
     # ... and add back the SAE's error x - D(E(x)), so only the clamps change the tokens.
     keep_error: bool = False
+    # How each image token's top-k concepts are found: "full" (every cosine in the SAE's
+    # dtype) or "screened" (every cosine in bfloat16 first, a certified bound picking the few
+    # recomputed in float32: the same answer, faster where bfloat16 is; :mod:`.screen`).
+    search: Literal["full", "screened"] = "full"
 
     # -- paper mode (decoder layer L, the VL-SAE paper's inference) ---------------------------
     layer: int | None = Field(default=None, ge=0)
@@ -145,6 +150,11 @@ class GuardConfig(FrozenSettings):
                     f"{wrong} do not apply at site {self.site!r}: there the tokens become the "
                     "SAE's reconstruction, with steer, pre_zero and keep_error"
                 )
+        if self.search != "full" and (self.mode != "projector" or self.site != "projector"):
+            raise ValueError(
+                f"search={self.search!r} applies to mode 'projector' at site 'projector' (the "
+                f"image tokens' top-k), not to mode {self.mode!r} at site {self.site!r}"
+            )
         if self.mode == "paper" and self.layer is None:
             raise ValueError("mode 'paper' needs layer=L (the decoder layer to hook)")
         return self
@@ -221,6 +231,7 @@ class ProjectorIntervention:
         self.config = config
         self.shared = shared.to(sae.device)
         self._steer_idx, self._steer_val = steer_tensors(config.steer, sae)
+        self.search = ScreenedSearch(sae) if config.search == "screened" else None
 
     @classmethod
     def build(cls, sae: SparseAutoencoder, config: GuardConfig) -> ProjectorIntervention:
@@ -273,7 +284,10 @@ class ProjectorIntervention:
         cfg = self.config
         shape, dtype = feats.shape, feats.dtype
         x = feats.reshape(-1, shape[-1]).to(self.sae.device, self.sae.dtype)
-        codes = self.sae.encode_topk(x, "vision")
+        if self.search is None:
+            codes = self.sae.encode_topk(x, "vision")
+        else:
+            codes = self.search.encode_topk(x)
         decoder = self.sae.decoder_for("vision")
         out = x
         if cfg.alpha:
