@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from vlsae_guard import VLSAE, SAEConfig, build
 from vlsae_guard.cli.guard_flags import add_guard_flags, guard_config
 from vlsae_guard.core.guard import GuardError, guard
-from vlsae_guard.core.intervention import GuardConfig
+from vlsae_guard.core.intervention import GuardConfig, ProjectorIntervention
 from vlsae_guard.core.screen import ScreenedSearch, ScreenWarning
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -155,6 +155,21 @@ def test_non_finite_inputs_take_the_full_search():
 def test_what_the_bound_does_not_cover_is_refused(make, match):
     with pytest.raises(ValueError, match=match):
         ScreenedSearch(make())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_tokens_with_a_float32_sae(dtype):
+    """A half-precision model's image tokens: screened in the SAE's float32, returned in theirs,
+    as the full search returns them."""
+    sae = vlsae(64, 512, 8)
+    feats = randn(2, 30, 64, seed=14).to(dtype)
+    out = {}
+    for search in ("full", "screened"):
+        config = GuardConfig(alpha=1.0, shared_concepts=list(range(0, 512, 2)), search=search)
+        out[search] = ProjectorIntervention.build(sae, config)(feats)
+    assert out["screened"].dtype == dtype
+    torch.testing.assert_close(out["screened"], out["full"])
+    assert not torch.equal(out["full"], feats)
 
 
 @pytest.mark.filterwarnings("ignore::vlsae_guard.core.fit.GuardFitWarning")  # a random SAE
