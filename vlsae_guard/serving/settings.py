@@ -59,6 +59,7 @@ _FLAGS = (
     "site",
     "pre_zero",
     "keep_error",
+    "search",
 )
 _SETTING_SOURCE = {
     **{f: ENV_CONFIG for f in GuardConfig.model_fields},
