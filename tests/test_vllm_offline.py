@@ -13,7 +13,7 @@ import pytest
 
 from vlsae_guard.lab import tiny
 
-pytestmark = pytest.mark.vllm
+pytestmark = [pytest.mark.vllm, pytest.mark.usefixtures("allow_inspection")]  # apply_model
 vllm = pytest.importorskip("vllm")
 
 from vlsae_guard.serving.client import generate_offline, load_llm  # noqa: E402
@@ -22,11 +22,6 @@ from vlsae_guard.serving.settings import PREFIX, REQUEST_KEY, ServeSettings  # n
 MIXED = tiny.make_images(6, seed=7)  # first seen by test_mixed_batch
 FRESH = tiny.make_images(3, seed=8)  # first seen by the bit-identity tests, in every engine
 HIDDEN = tiny.TinySizes().text_hidden
-
-
-@pytest.fixture(scope="module", autouse=True)
-def allow_inspection(restored_environ):
-    restored_environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"  # llm.apply_model(inspect)
 
 
 @pytest.fixture(scope="module")

@@ -9,16 +9,12 @@ from vlsae_guard.lab import tiny
 
 pytestmark = [
     pytest.mark.vllm,
+    pytest.mark.usefixtures("allow_inspection"),  # llm.apply_model(_screen_stats)
     pytest.mark.filterwarnings("ignore::vlsae_guard.GuardFitWarning"),
 ]
 vllm = pytest.importorskip("vllm")
 
 IMAGES = tiny.make_images(4, seed=41)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def allow_inspection(restored_environ):
-    restored_environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"  # llm.apply_model(_screen_stats)
 
 
 def _screen_stats(model) -> dict:

@@ -123,15 +123,16 @@ class ScreenedSearch:
         # Pass 1: the screen's own top k in float32. Their smallest exact value is a lower
         # bound of the row's k-th largest, much tighter than the screen's k-th minus its bound.
         first = screen.topk(k, dim=-1, sorted=False).indices
-        exact = self._cosines(rows, torch.arange(len(rows)).repeat_interleave(k), first.view(-1))
+        own = torch.arange(len(rows)).repeat_interleave(k)
+        exact = self._cosines(rows, own, first.view(-1))
         cut = _candidate_cut(exact.view(-1, k).amin(-1).double() - _ETA, slack)
         # Pass 2: every other concept whose upper bound reaches it.
         more = (screen >= cut[:, None]).scatter_(1, first, False)
         tokens, concepts = more.nonzero(as_tuple=True)  # token-major
         extra = self._cosines(rows, tokens, concepts)
         if not (
-            _within_bound(screen, slack, first, exact.view(-1, k))
-            and _within_bound(screen, slack, concepts, extra, tokens)
+            _within_bound(screen, slack, own, first.view(-1), exact)
+            and _within_bound(screen, slack, tokens, concepts, extra)
         ):
             why = "the bfloat16 screen's bound missed (or the encoder changed since it was built)"
             return self._fall_back(x, why)
@@ -188,15 +189,12 @@ def _candidate_cut(lower: Tensor, slack: Tensor) -> Tensor:
 
 
 def _within_bound(
-    screen: Tensor, slack: Tensor, concepts: Tensor, exact: Tensor, tokens: Tensor | None = None
+    screen: Tensor, slack: Tensor, tokens: Tensor, concepts: Tensor, exact: Tensor
 ) -> bool:
-    """Whether the exact values lie within the bound of their screen values: pairs given as
-    ``(rows, k)`` concept ids with ``tokens`` None, or as flat token and concept lists."""
-    if tokens is None:
-        got, rows_slack = screen.gather(-1, concepts).double(), slack[:, None]
-    else:
-        got, rows_slack = screen[tokens, concepts].double(), slack[tokens]
-    return bool(((exact.double() - got).abs() <= rows_slack + _R * got.abs()).all())
+    """Whether the exact values of the (token, concept) pairs lie within the bound of their
+    screen values."""
+    got = screen[tokens, concepts].double()
+    return bool(((exact.double() - got).abs() <= slack[tokens] + _R * got.abs()).all())
 
 
 def _sampled_dots(rows: Tensor, encoder: Tensor, tokens: Tensor, concepts: Tensor) -> Tensor:
